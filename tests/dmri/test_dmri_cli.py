@@ -75,3 +75,18 @@ def test_bad_inputs_exit_2(subjects, tmp_path, capsys):
     assert _run(["dmri", "fit", str(s1 / "truth_md.nii.gz"), *_files(s1), "--out", str(tmp_path / "f")]) == 2
     assert _run(["dmri", "train", str(s1 / "dwi.nii.gz"), *_files(s1), "--out", str(tmp_path / "m.pt"),
                  "--target", "md"]) == 2
+
+
+def test_segmentation_from_labels(subjects, tmp_path):
+    s1, s2 = subjects / "s1", subjects / "s2"
+    model = tmp_path / "seg.pt"
+    assert _run(["dmri", "train", str(s1 / "dwi.nii.gz"), *_files(s1), "--out", str(model),
+                 "--labels", str(s1 / "truth_tissue.nii.gz"), "--max-epochs", "30"]) == 0
+    out = tmp_path / "seg"
+    assert _run(["dmri", "predict", str(model), str(s2 / "dwi.nii.gz"), *_files(s2), "--out", str(out)]) == 0
+    labels, _ = read_map(out / "labels.nii.gz")
+    truth, _ = read_map(s2 / "truth_tissue.nii.gz")
+    inside = truth > 0
+    assert (labels[inside] == truth[inside]).mean() > 0.8
+    p_csf, _ = read_map(out / "p_3.nii.gz")
+    assert p_csf[truth == 3].mean() > 0.5 > p_csf[truth == 1].mean()

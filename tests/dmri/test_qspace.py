@@ -81,6 +81,18 @@ def test_learns_adc_from_four_volumes_where_linear_regression_fails(adc_net):
     np.testing.assert_array_equal(maps["adc"], predicted)
 
 
+def test_bfloat16_inference_stays_close_to_float32(adc_net):
+    net, gtab, _, _ = adc_net
+    test, adc_test, _ = _mono_exponential(gtab, 500, seed=3)
+    exact = net.predict(test, gtab)
+    fast = net.predict(test, gtab, precision="bfloat16")
+    assert not np.array_equal(fast, exact)  # really ran in reduced precision
+    assert np.abs(fast - exact).max() < 0.02 * (adc_test.max() - adc_test.min())
+    np.testing.assert_array_equal(net.predict(test, gtab), exact)  # float32 weights untouched
+    with pytest.raises(InputError, match="precision"):
+        net.predict(test, gtab, precision="float8")
+
+
 def test_scaling_comes_from_training_data_and_is_reused(adc_net):
     net, gtab, train, adc_train = adc_net
     x = train[:, ADC_PATTERN]

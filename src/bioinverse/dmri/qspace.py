@@ -21,6 +21,8 @@ IEEE Transactions on Medical Imaging 35(5):1344–1351, 2016. doi:10.1109/TMI.20
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import math
 import os
@@ -48,6 +50,7 @@ _REGRESSION_LOSSES = ("mse", "l1")
 # block (2048 × 150 float32 ≈ 1.2 MB) stay in cache, which makes inference about three times
 # faster than whole 65536-voxel batches whose activations spill to main memory.
 _CPU_BLOCK = 2048
+_PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def qdl_train_config(max_epochs: int = 500, **changes: Any) -> TrainConfig:
@@ -482,13 +485,20 @@ class QSpaceNet:
     # Prediction
     # ----------------------------------------------------------------------------------------
 
-    def _network_outputs(self, signals: Any, gtab: GradientTable, batch_size: int) -> tuple[np.ndarray, tuple]:
+    def _network_outputs(self, signals: Any, gtab: GradientTable, batch_size: int,
+                         precision: str = "float32") -> tuple[np.ndarray, tuple]:
         """Raw float32 network outputs ``(M, out_features)`` and the leading shape of ``signals``."""
         self._check_fitted()
         batch_size = _check_positive_int(batch_size, "batch_size")
+        if precision not in _PRECISIONS:
+            raise InputError("precision", f"must be one of {', '.join(map(repr, _PRECISIONS))}, got {precision!r}")
         flat, lead = _signal_matrix(signals, "signals", gtab)
         columns = self._columns(gtab)
         model = self.model_
+        dtype = _PRECISIONS[precision]
+        if dtype != torch.float32:
+            # A reduced-precision copy; the trained float32 weights stay untouched.
+            model = copy.deepcopy(model).to(dtype)
         device = next(model.parameters()).device
         low, scale = self.input_scale_.minimum, self.input_scale_.scale
         out = np.empty((flat.shape[0], model.out_features), dtype=np.float32)
@@ -501,13 +511,14 @@ class QSpaceNet:
                 if not np.isfinite(z).all():
                     _check_finite_rows(np.asarray(xb, dtype=np.float64), "signals", offset=start)
                     raise InputError("signals", "holds values too large for single precision")
-                batch = torch.from_numpy(z).to(device)
+                batch = torch.from_numpy(z).to(device=device, dtype=dtype)
                 for first in range(0, batch.shape[0], block):
                     result = model(batch[first:first + block])
-                    out[start + first:start + first + result.shape[0]] = result.cpu().numpy()
+                    out[start + first:start + first + result.shape[0]] = result.float().cpu().numpy()
         return out, lead
 
-    def predict(self, signals: Any, gtab: GradientTable, batch_size: int = 65536) -> np.ndarray:
+    def predict(self, signals: Any, gtab: GradientTable, batch_size: int = 65536,
+                precision: str = "float32") -> np.ndarray:
         """Predict targets (regression) or class labels (classification) voxel by voxel.
 
         Parameters
@@ -519,6 +530,10 @@ class QSpaceNet:
             the directions).
         batch_size : int, default 65536
             Voxels per forward pass (bounds the memory used).
+        precision : {"float32", "bfloat16"}
+            Arithmetic of the forward pass. ``"bfloat16"`` (8-bit mantissa) runs about twice as
+            fast on CPUs with bfloat16 instructions (AVX-512 BF16, AMX) at a relative error of a
+            few 1e-3 in the outputs — far below the noise of the maps; training is always float32.
 
         Returns
         -------
@@ -533,7 +548,7 @@ class QSpaceNet:
             Wrong number of columns for ``gtab``, NaN/Inf signals, or a protocol lacking one of the
             scheme's volumes.
         """
-        raw, lead = self._network_outputs(signals, gtab, batch_size)
+        raw, lead = self._network_outputs(signals, gtab, batch_size, precision)
         if self.task == "classification":
             return self.classes_[raw.argmax(axis=1)].reshape(lead)
         values = self.output_scale_.inverse(raw)
@@ -563,12 +578,13 @@ class QSpaceNet:
         p /= p.sum(axis=1, keepdims=True)
         return p.reshape(lead + (p.shape[1],))
 
-    def predict_maps(self, signals: Any, gtab: GradientTable, batch_size: int = 65536) -> dict[str, np.ndarray]:
+    def predict_maps(self, signals: Any, gtab: GradientTable, batch_size: int = 65536,
+                     precision: str = "float32") -> dict[str, np.ndarray]:
         """Regression predictions as one map per named output.
 
         Parameters
         ----------
-        signals, gtab, batch_size
+        signals, gtab, batch_size, precision
             As in :meth:`predict`.
 
         Returns
@@ -578,7 +594,7 @@ class QSpaceNet:
         """
         if self.task != "regression":
             raise InputError("task", "predict_maps needs a regression network (task='regression')")
-        raw, lead = self._network_outputs(signals, gtab, batch_size)
+        raw, lead = self._network_outputs(signals, gtab, batch_size, precision)
         values = self.output_scale_.inverse(raw)
         return {name: values[:, i].reshape(lead) for i, name in enumerate(self.outputs_)}
 
