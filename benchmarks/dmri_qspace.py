@@ -248,6 +248,7 @@ def _plot_curve(curve, n_all, path):
         ax.plot(curve["n"], curve["fit"][m], "o-", color="tab:red", label="DKI fit on the subset")
         ax.plot(curve["n"], curve["qdl"][m], "s-", color="tab:blue", label="q-DL from the subset")
         ax.set(xscale="log", xlabel="number of DWIs", ylabel=f"RMSE {m.upper()} vs truth", title=m.upper())
+        ax.minorticks_off()
         ax.set_xticks(curve["n"], [str(n) for n in curve["n"]])
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Three-shell phantom, SNR {SNR:g}, test subject ≠ training subject")

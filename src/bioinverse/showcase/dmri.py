@@ -120,6 +120,7 @@ def _curve_figure(curve):
         ax.plot(curve["n"], fit[:, i], "o-", color="tab:red", label="DKI fit on the subset")
         ax.plot(curve["n"], qdl[:, i], "s-", color="tab:blue", label="q-DL from the subset")
         ax.set_xscale("log")
+        ax.minorticks_off()
         ax.set_xticks(curve["n"], [str(n) for n in curve["n"]])
         ax.set(xlabel="number of DWIs", ylabel="RMSE vs truth", title=m.upper())
     axes[0].legend(fontsize=8)
