@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from functools import cached_property
 
@@ -50,6 +49,7 @@ import numpy as np
 import scipy.optimize
 from numpy.typing import ArrayLike
 
+from bioinverse.dmri._progress import progress_bar
 from bioinverse.dmri.signal import (
     _D_FULL,
     _W_FULL,
@@ -879,14 +879,13 @@ class DKIModel:
 
         # Chunks are independent: they run in parallel threads (NumPy releases the GIL), each with
         # single-threaded BLAS; the per-voxel problems are too small for threaded BLAS to pay off.
-        with _single_threaded_blas(), ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
+        with _single_threaded_blas(), ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool, \
+                progress_bar(progress) as bar:
+            task = bar.add_task("DKI fit (voxels)", total=len(voxels))
             done = 0
             for finished in pool.map(work, starts) if pool else map(work, starts):
                 done = max(done, finished)
-                if progress:
-                    print(f"\rDKI fit: {done}/{len(voxels)} voxels", end="", file=sys.stderr, flush=True)
-        if progress:
-            print(file=sys.stderr)
+                bar.update(task, completed=done)
         full = np.zeros(leading + (_N_PARAMS,))
         full[mask] = params
         return DKIFit(self, full, mask)

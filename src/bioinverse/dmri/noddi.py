@@ -62,6 +62,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.special import dawsn, erf, roots_laguerre
 
+from bioinverse.dmri._progress import progress_bar
 from bioinverse.dmri.io import GradientTable
 from bioinverse.errors import InputError
 
@@ -1062,7 +1063,7 @@ class NODDIModel:
         blocks = [slice(s, min(s + block, count)) for s in range(0, count, block)]
         grid_chunk = _grid_chunk(n)
         params, mu, cost = np.zeros((count, 3)), np.zeros((count, 3)), np.zeros(count)
-        bar = _progress_bar(progress)
+        bar = progress_bar(progress)
         with bar:
             chunks = sum(-(-(b.stop - b.start) // grid_chunk) for b in blocks)
             grid_task = bar.add_task("NODDI grid search", total=chunks)
@@ -1075,15 +1076,6 @@ class NODDIModel:
                     protocol, y, start, direction, lambda: bar.advance(lm_task))
                 bar.update(lm_task, completed=(number + 1) * _MAX_ITERATIONS)
         return params, mu, cost
-
-
-def _progress_bar(enabled: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    # stderr, so that a progress bar never mixes with data a script writes to stdout.
-    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), console=Console(stderr=True), disable=not enabled)
 
 
 class NODDIFit:

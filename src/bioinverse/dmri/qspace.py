@@ -22,7 +22,6 @@ IEEE Transactions on Medical Imaging 35(5):1344–1351, 2016. doi:10.1109/TMI.20
 from __future__ import annotations
 
 import copy
-
 import dataclasses
 import math
 import os
