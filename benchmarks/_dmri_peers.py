@@ -51,17 +51,10 @@ _AMICO_NODDI_MAPS = {"NDI": "icvf", "ODI": "odi", "FWF": "isovf"}
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
 
 
-def _finite(x: ArrayLike, name: str) -> np.ndarray:
-    try:
-        return real_finite_array(x, name)
-    except ValueError as err:
-        raise InputError(name, str(err).removeprefix(f"{name} ")) from None
-
-
 def _protocol(bvals: ArrayLike, bvecs: ArrayLike, n_volumes: int) -> tuple[np.ndarray, np.ndarray]:
     """Checked b-values (n,) and directions (n, 3) for data with ``n_volumes`` volumes."""
-    b = _finite(bvals, "bvals")
-    g = _finite(bvecs, "bvecs")
+    b = real_finite_array(bvals, "bvals")
+    g = real_finite_array(bvecs, "bvecs")
     if b.ndim != 1 or b.shape[0] != n_volumes:
         raise InputError("bvals", f"must have shape ({n_volumes},) to match the data, got {b.shape}")
     if g.shape != (n_volumes, 3):
@@ -127,7 +120,7 @@ def dipy_dki(data: ArrayLike, bvals: ArrayLike, bvecs: ArrayLike) -> dict[str, n
     from dipy.core.gradients import gradient_table
     from dipy.reconst import dki
 
-    signals = _finite(data, "data")
+    signals = real_finite_array(data, "data")
     if signals.ndim != 2:
         raise InputError("data", f"must have shape (voxels, volumes), got {signals.shape}")
     b, g = _protocol(bvals, bvecs, signals.shape[1])
@@ -281,7 +274,7 @@ def amico_noddi(
     >>> out["odi"].shape == signals.shape[:-1]  # doctest: +SKIP
     True
     """
-    signals = _finite(data, "data")
+    signals = real_finite_array(data, "data")
     if signals.ndim not in (2, 4):
         raise InputError(
             "data", f"must have shape (X, Y, Z, volumes) or (voxels, volumes), got {signals.shape}"

@@ -1,4 +1,4 @@
-"""Argument checks shared by the core modules (arrays from code, not files: they raise ValueError)."""
+"""Argument checks shared across modules; they raise :class:`~bioinverse.errors.InputError` (a ValueError)."""
 
 from __future__ import annotations
 
@@ -7,29 +7,32 @@ import math
 import numpy as np
 from numpy.typing import ArrayLike
 
+from bioinverse.errors import InputError
 
-def real_finite_array(x: ArrayLike, name: str) -> np.ndarray:
-    """``x`` as a float64 array; ValueError if it is non-numeric, complex, empty, NaN or Inf."""
+
+def real_finite_array(x: ArrayLike, name: str, *, allow_empty: bool = False) -> np.ndarray:
+    """``x`` as a float64 array; InputError if it is non-numeric, complex, NaN, Inf or (unless
+    ``allow_empty``) empty."""
     a = np.asarray(x)
     if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
-        raise ValueError(f"{name} must be a numeric array, got dtype {a.dtype}")
+        raise InputError(name, f"must be a numeric array, got dtype {a.dtype}")
     if np.iscomplexobj(a):
-        raise ValueError(f"{name} must be real-valued, got dtype {a.dtype}")
-    if a.size == 0:
-        raise ValueError(f"{name} is empty")
+        raise InputError(name, f"must be real-valued, got dtype {a.dtype}")
+    if a.size == 0 and not allow_empty:
+        raise InputError(name, "is empty")
     a = a.astype(np.float64, copy=False)
     if not np.isfinite(a).all():
-        raise ValueError(f"{name} contains NaN or Inf")
+        raise InputError(name, "contains NaN or Inf")
     return a
 
 
 def positive_number(value: float, name: str, *, unit: str = "", allow_zero: bool = False) -> float:
-    """``value`` as a float; ValueError unless finite and > 0 (≥ 0 with ``allow_zero``)."""
+    """``value`` as a float; InputError unless finite and > 0 (≥ 0 with ``allow_zero``)."""
     what = f"{'non-negative' if allow_zero else 'positive'}, finite number{' of ' + unit if unit else ''}"
     try:
         v = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a {what}, got {value!r}") from None
+        raise InputError(name, f"must be a {what}, got {value!r}") from None
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
-        raise ValueError(f"{name} must be a {what}, got {value!r}")
+        raise InputError(name, f"must be a {what}, got {value!r}")
     return v

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike
 
+from bioinverse._checks import real_finite_array
 from bioinverse.errors import InputError
 
 __all__ = [
@@ -332,9 +333,9 @@ def b_from_gradient(G_mT_per_m: ArrayLike, small_delta_ms: ArrayLike, big_delta_
     >>> round(float(b_from_gradient(40.0, 20.0, 40.0)), 1)
     1526.8
     """
-    g = _finite(G_mT_per_m, "G_mT_per_m") * 1e-3  # T/m
-    small = _finite(small_delta_ms, "small_delta_ms") * 1e-3  # s
-    big = _finite(big_delta_ms, "big_delta_ms") * 1e-3
+    g = real_finite_array(G_mT_per_m, "G_mT_per_m", allow_empty=True) * 1e-3  # T/m
+    small = real_finite_array(small_delta_ms, "small_delta_ms", allow_empty=True) * 1e-3  # s
+    big = real_finite_array(big_delta_ms, "big_delta_ms", allow_empty=True) * 1e-3
     if (g < 0).any():
         raise InputError("G_mT_per_m", "gradient amplitudes must be ≥ 0")
     if (small <= 0).any():
@@ -343,16 +344,6 @@ def b_from_gradient(G_mT_per_m: ArrayLike, small_delta_ms: ArrayLike, big_delta_
         raise InputError("big_delta_ms", "pulse separation Δ must be at least the pulse duration δ")
     b_si = GYROMAGNETIC_RATIO**2 * g**2 * small**2 * (big - small / 3.0)  # s/m²
     return b_si * 1e-6
-
-
-def _finite(x: ArrayLike, name: str) -> np.ndarray:
-    try:
-        a = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InputError(name, "must be numeric") from None
-    if not np.isfinite(a).all():
-        raise InputError(name, "contains NaN or Inf")
-    return a
 
 
 def _read_table(path: Path) -> np.ndarray:

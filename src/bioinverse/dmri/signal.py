@@ -38,6 +38,7 @@ import itertools
 import numpy as np
 from numpy.typing import ArrayLike
 
+from bioinverse._checks import real_finite_array
 from bioinverse.errors import InputError
 
 __all__ = [
@@ -91,18 +92,6 @@ _W_AVERAGE /= _W_MULT
 # argument checks
 
 
-def _finite(x: ArrayLike, name: str) -> np.ndarray:
-    a = np.asarray(x)
-    if a.dtype == object or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
-        raise InputError(name, f"must be a numeric array, got dtype {a.dtype}")
-    if np.iscomplexobj(a):
-        raise InputError(name, f"must be real-valued, got dtype {a.dtype}")
-    a = a.astype(np.float64, copy=False)
-    if not np.isfinite(a).all():
-        raise InputError(name, "contains NaN or Inf")
-    return a
-
-
 def _trailing(a: np.ndarray, shape: tuple[int, ...], name: str) -> None:
     k = len(shape)
     if a.ndim < k or a.shape[a.ndim - k :] != shape:
@@ -111,7 +100,7 @@ def _trailing(a: np.ndarray, shape: tuple[int, ...], name: str) -> None:
 
 
 def _tensor(D: ArrayLike, name: str = "D") -> np.ndarray:
-    D = _finite(D, name)
+    D = real_finite_array(D, name, allow_empty=True)
     _trailing(D, (3, 3), name)
     scale = np.abs(D).max(initial=0.0)
     if np.abs(D - np.swapaxes(D, -1, -2)).max(initial=0.0) > 1e-6 * scale:
@@ -120,7 +109,7 @@ def _tensor(D: ArrayLike, name: str = "D") -> np.ndarray:
 
 
 def _kurtosis(W: ArrayLike, name: str = "W") -> np.ndarray:
-    W = _finite(W, name)
+    W = real_finite_array(W, name, allow_empty=True)
     _trailing(W, (3, 3, 3, 3), name)
     flat = W.reshape(W.shape[:-4] + (81,))
     symmetric = (flat @ _W_AVERAGE)[..., _W_FULL.ravel()]
@@ -135,8 +124,8 @@ def _gradients(gtab) -> tuple[np.ndarray, np.ndarray]:
         bvals, bvecs = gtab.bvals, gtab.bvecs
     except AttributeError:
         raise InputError("gtab", f"must be a GradientTable (with bvals and bvecs), got {type(gtab).__name__}") from None
-    bvals = _finite(bvals, "gtab.bvals")
-    bvecs = _finite(bvecs, "gtab.bvecs")
+    bvals = real_finite_array(bvals, "gtab.bvals", allow_empty=True)
+    bvecs = real_finite_array(bvecs, "gtab.bvecs", allow_empty=True)
     if bvals.ndim != 1 or bvecs.shape != (bvals.size, 3):
         raise InputError("gtab", f"bvals {bvals.shape} and bvecs {bvecs.shape} must have shapes (n,) and (n, 3)")
     if (bvals < 0).any():
@@ -145,7 +134,7 @@ def _gradients(gtab) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _leading_s0(S0: ArrayLike, leading: tuple[int, ...]) -> np.ndarray:
-    S0 = _finite(S0, "S0")
+    S0 = real_finite_array(S0, "S0", allow_empty=True)
     if (S0 < 0).any():
         raise InputError("S0", "must be non-negative")
     try:
@@ -190,7 +179,7 @@ def tensor_from_elements(d6: ArrayLike) -> np.ndarray:
     >>> tensor_from_elements([1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).tolist()
     [[1.0, 2.0, 4.0], [2.0, 3.0, 5.0], [4.0, 5.0, 6.0]]
     """
-    d6 = _finite(d6, "d6")
+    d6 = real_finite_array(d6, "d6", allow_empty=True)
     _trailing(d6, (6,), "d6")
     return d6[..., _D_FULL]
 
@@ -207,7 +196,7 @@ def tensor_elements(D: ArrayLike) -> np.ndarray:
     >>> tensor_elements(D).tolist()
     [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     """
-    D = _finite(D, "D")
+    D = real_finite_array(D, "D", allow_empty=True)
     _trailing(D, (3, 3), "D")
     return D.reshape(D.shape[:-2] + (9,)) @ _D_AVERAGE
 
@@ -232,7 +221,7 @@ def kurtosis_from_elements(w15: ArrayLike) -> np.ndarray:
     >>> float(W[0, 1, 0, 0]), float(W[2, 1, 0, 2]), float(W[1, 2, 2, 0])
     (3.0, 14.0, 14.0)
     """
-    w15 = _finite(w15, "w15")
+    w15 = real_finite_array(w15, "w15", allow_empty=True)
     _trailing(w15, (15,), "w15")
     return w15[..., _W_FULL]
 
@@ -248,7 +237,7 @@ def kurtosis_elements(W: ArrayLike) -> np.ndarray:
     >>> kurtosis_elements(kurtosis_from_elements(range(15))).round(12).tolist()[-4:]
     [11.0, 12.0, 13.0, 14.0]
     """
-    W = _finite(W, "W")
+    W = real_finite_array(W, "W", allow_empty=True)
     _trailing(W, (3, 3, 3, 3), "W")
     return W.reshape(W.shape[:-4] + (81,)) @ _W_AVERAGE
 
@@ -278,8 +267,8 @@ def tensor_from_eig(evals: ArrayLike, evecs: ArrayLike) -> np.ndarray:
     >>> (tensor_from_eig([3e-3, 1e-3, 1e-3], R) * 1e3).round(6).tolist()
     [[1.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0]]
     """
-    evals = _finite(evals, "evals")
-    evecs = _finite(evecs, "evecs")
+    evals = real_finite_array(evals, "evals", allow_empty=True)
+    evecs = real_finite_array(evecs, "evecs", allow_empty=True)
     _trailing(evals, (3,), "evals")
     _trailing(evecs, (3, 3), "evecs")
     gram = np.swapaxes(evecs, -1, -2) @ evecs
@@ -313,14 +302,14 @@ def axially_symmetric_tensor(direction: ArrayLike, d_par: ArrayLike, d_perp: Arr
     >>> (D.diagonal() * 1e3).tolist()
     [0.5, 0.5, 2.0]
     """
-    u = _finite(direction, "direction")
+    u = real_finite_array(direction, "direction", allow_empty=True)
     _trailing(u, (3,), "direction")
     norm = np.linalg.norm(u, axis=-1, keepdims=True)
     if (norm == 0).any():
         raise InputError("direction", "contains a zero vector")
     u = u / norm
-    d_par = _finite(d_par, "d_par")[..., None, None]
-    d_perp = _finite(d_perp, "d_perp")[..., None, None]
+    d_par = real_finite_array(d_par, "d_par", allow_empty=True)[..., None, None]
+    d_perp = real_finite_array(d_perp, "d_perp", allow_empty=True)[..., None, None]
     return d_perp * np.eye(3) + (d_par - d_perp) * (u[..., :, None] * u[..., None, :])
 
 
@@ -415,7 +404,7 @@ def dki_signal(gtab, D: ArrayLike, W: ArrayLike, S0: ArrayLike = 1.0) -> np.ndar
 
 
 def _mixture(fractions: ArrayLike, tensors: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    f = _finite(fractions, "fractions")
+    f = real_finite_array(fractions, "fractions", allow_empty=True)
     T = _tensor(tensors, "tensors")
     if f.ndim < 1:
         raise InputError("fractions", "must have shape (..., m)")
@@ -547,8 +536,8 @@ def cumulant_tensors(M1: ArrayLike, M2: ArrayLike) -> tuple[np.ndarray, np.ndarr
     >>> round(float(D[0, 0] * 1e3), 6), round(float(W[0, 0, 0, 0]), 6), round(float(W[0, 0, 1, 1]), 6)
     (2.0, 0.75, 0.25)
     """
-    M1 = _finite(M1, "M1")
-    M2 = _finite(M2, "M2")
+    M1 = real_finite_array(M1, "M1", allow_empty=True)
+    M2 = real_finite_array(M2, "M2", allow_empty=True)
     _trailing(M1, (3, 3), "M1")
     _trailing(M2, (3, 3, 3, 3), "M2")
     try:
@@ -601,13 +590,13 @@ def rician_noise(
     >>> round(float(np.sqrt(np.mean(noisy**2) / 2)), 2)  # σ recovered from pure noise
     0.1
     """
-    S = _finite(signal, "signal")
+    S = real_finite_array(signal, "signal", allow_empty=True)
     if S.ndim < 1:
         raise InputError("signal", "must have shape (..., n)")
-    snr = _finite(snr, "snr")
+    snr = real_finite_array(snr, "snr", allow_empty=True)
     if (snr <= 0).any():
         raise InputError("snr", "must be > 0")
-    s0 = _finite(s0, "s0")
+    s0 = real_finite_array(s0, "s0", allow_empty=True)
     if (s0 < 0).any():
         raise InputError("s0", "must be non-negative")
     leading = S.shape[:-1]
