@@ -31,6 +31,7 @@ import numpy as np
 from benchmarks._harness import StudyResult
 from bioinverse.dmri.acquisition import noddi_protocol, subsample_pattern, three_shell_protocol
 from bioinverse.dmri.dki import DKIModel
+from bioinverse.dmri.figures import maps_figure, rmse_curve_figure
 from bioinverse.dmri.noddi import NODDIModel
 from bioinverse.dmri.phantom import simulate_phantom
 from bioinverse.dmri.qspace import QSpaceNet, qdl_train_config
@@ -146,14 +147,11 @@ def _dki_study(quick, shape, max_epochs, metrics, out):
         for i, m in enumerate(DKI_MEASURES):
             curve["qdl"][m].append(np.nan if est is None else
                                    rmse(est[test["eval"], i], test["phantom"].truth(m)[test["eval"]]))
-    for n, vals in zip(curve["n"], zip(*[curve["qdl"][m] for m in DKI_MEASURES])):
-        for m, v in zip(DKI_MEASURES, vals):
-            if np.isfinite(v):
-                metrics[f"curve_rmse_qdl{n}_{m}"] = v
-    for n, vals in zip(curve["n"], zip(*[curve["fit"][m] for m in DKI_MEASURES])):
-        for m, v in zip(DKI_MEASURES, vals):
-            if np.isfinite(v):
-                metrics[f"curve_rmse_fit{n}_{m}"] = v
+    for method in ("qdl", "fit"):
+        for i, n in enumerate(curve["n"]):
+            for m in DKI_MEASURES:
+                if np.isfinite(curve[method][m][i]):
+                    metrics[f"curve_rmse_{method}{n}_{m}"] = curve[method][m][i]
 
     # Peer: dipy's DKI on the same test voxels (all of them in the full run).
     from benchmarks._dmri_peers import dipy_dki
@@ -171,9 +169,12 @@ def _dki_study(quick, shape, max_epochs, metrics, out):
     metrics["n_train_voxels_dki"] = len(train["signals"])
     metrics["n_test_voxels_dki"] = int(test["eval"].sum())
 
-    figures = [_plot_curve(curve, n_all, out / "dmri_qspace_rmse_vs_dwis.png"),
-               _plot_maps(test, {"fit": full_test, "qdl": dict(zip(DKI_MEASURES, pred.T))},
-                          DKI_MEASURES, n_all, 12, out / "dmri_qspace_dki_maps.png")]
+    rmse_by_method = {"DKI fit on the subset": curve["fit"], "q-DL from the subset": curve["qdl"]}
+    title = f"Three-shell phantom, SNR {SNR:g}, test subject ≠ training subject"
+    estimates = {f"fit, {n_all} DWIs": full_test, "q-DL, 12 DWIs": dict(zip(DKI_MEASURES, pred.T))}
+    figures = [_save(rmse_curve_figure(curve["n"], rmse_by_method, DKI_MEASURES, title),
+                     out / "dmri_qspace_rmse_vs_dwis.png"),
+               _save(maps_figure(test["phantom"], estimates, DKI_MEASURES), out / "dmri_qspace_dki_maps.png")]
     return figures
 
 
@@ -205,8 +206,8 @@ def _noddi_study(quick, shape, max_epochs, metrics, out):
         metrics["amico_kernel_seconds"] = amico["seconds_kernels"]
     except Exception as exc:  # the peer failing must not hide our figures; the note says why
         print(f"AMICO NODDI failed: {exc}")
-    return [_plot_maps(test, {"fit": full_test, "qdl": dict(zip(NODDI_MEASURES, pred.T))},
-                       NODDI_MEASURES, n_all, 8, out / "dmri_qspace_noddi_maps.png")]
+    estimates = {f"fit, {n_all} DWIs": full_test, "q-DL, 8 DWIs": dict(zip(NODDI_MEASURES, pred.T))}
+    return [_save(maps_figure(test["phantom"], estimates, NODDI_MEASURES), out / "dmri_qspace_noddi_maps.png")]
 
 
 def _real_study(max_epochs, metrics):
@@ -234,59 +235,12 @@ def _real_study(max_epochs, metrics):
     metrics["real_n_test_voxels"] = len(ref_test)
 
 
-def _plot_curve(curve, n_all, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def _save(fig, path):
     from bioinverse.io import write_bytes
     from bioinverse.report import figure_to_png
 
-    fig, axes = plt.subplots(1, len(DKI_MEASURES), figsize=(4 * len(DKI_MEASURES), 3.4))
-    for ax, m in zip(axes, DKI_MEASURES):
-        ax.plot(curve["n"], curve["fit"][m], "o-", color="tab:red", label="DKI fit on the subset")
-        ax.plot(curve["n"], curve["qdl"][m], "s-", color="tab:blue", label="q-DL from the subset")
-        ax.set(xscale="log", xlabel="number of DWIs", ylabel=f"RMSE {m.upper()} vs truth", title=m.upper())
-        ax.minorticks_off()
-        ax.set_xticks(curve["n"], [str(n) for n in curve["n"]])
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"Three-shell phantom, SNR {SNR:g}, test subject ≠ training subject")
-    fig.tight_layout()
     write_bytes(path, figure_to_png(fig))
     return str(path)
-
-
-def _plot_maps(test, estimates, names, n_all, n_sub, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from bioinverse.io import write_bytes
-    from bioinverse.report import figure_to_png
-
-    p = test["phantom"]
-    z = p.mask.shape[2] // 2
-    cols = [("truth", None), (f"fit, {n_all} DWIs", "fit"), (f"q-DL, {n_sub} DWIs", "qdl")]
-    fig, axes = plt.subplots(len(names), 3, figsize=(8, 2.6 * len(names)))
-    for row, m in enumerate(names):
-        vmax = float(np.percentile(p.truth(m), 99))
-        for col, (label, key) in enumerate(cols):
-            image = p.maps[m] if key is None else _unmask(p.mask, estimates[key][m])
-            ax = axes[row, col]
-            ax.imshow(image[:, :, z].T, origin="lower", cmap="gray", vmin=0, vmax=vmax)
-            ax.set_axis_off()
-            ax.set_title(f"{m.upper()} — {label}", fontsize=9)
-    fig.tight_layout()
-    write_bytes(path, figure_to_png(fig))
-    return str(path)
-
-
-def _unmask(mask, values):
-    image = np.zeros(mask.shape, np.float32)
-    image[mask] = values
-    return image
 
 
 def run(quick: bool, out: Path) -> StudyResult:

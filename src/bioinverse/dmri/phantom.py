@@ -99,6 +99,13 @@ class Phantom:
         """Signals of the voxels in ``mask`` (default: the brain mask), shape (N, n)."""
         return self.dwi[self.mask if mask is None else mask]
 
+    def unmask(self, values: np.ndarray) -> np.ndarray:
+        """Values at the brain-mask voxels, shape (N, ...), back on the grid (X, Y, Z, ...); 0 outside."""
+        values = np.asarray(values)
+        image = np.zeros(self.mask.shape + values.shape[1:], np.float32)
+        image[self.mask] = values
+        return image
+
     def truth(self, name: str, mask: np.ndarray | None = None) -> np.ndarray:
         """Ground-truth map ``name`` at the voxels of ``mask`` (default: the brain mask), (N,)."""
         if name not in self.maps:

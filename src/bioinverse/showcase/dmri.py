@@ -29,6 +29,7 @@ MIN_DKI_VOLUMES = 22
 def demo(workdir: Path, section: Section) -> None:
     from bioinverse.dmri.acquisition import subsample_pattern, three_shell_protocol
     from bioinverse.dmri.dki import DKIModel
+    from bioinverse.dmri.figures import maps_figure, rmse_curve_figure
     from bioinverse.dmri.phantom import simulate_phantom
     from bioinverse.dmri.qspace import QSpaceNet, qdl_train_config
     from bioinverse.metrics import rmse
@@ -82,53 +83,12 @@ def demo(workdir: Path, section: Section) -> None:
         "grey matter.")
     header = ["DWIs", *[f"fit {m.upper()}" for m in MEASURES], *[f"q-DL {m.upper()}" for m in MEASURES]]
     section.table(rows, header=header)
-    section.figure(_maps_figure(test, fit_test, predictions[12], len(gtab)),
+    estimates = {f"fit, {len(gtab)} DWIs": {m: getattr(fit_test, m) for m in MEASURES},
+                 "q-DL, 12 DWIs": dict(zip(MEASURES, predictions[12].T))}
+    section.figure(maps_figure(test, estimates, MEASURES),
                    "Subject 2: ground truth, DKI fit on all 148 DWIs, q-DL from 12 DWIs (middle slice).")
-    section.figure(_curve_figure(curve), "RMSE against the ground truth vs number of DWIs "
-                   "(a DKI fit needs at least 22 volumes).")
-
-
-def _maps_figure(test, fit, prediction, n_all):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    z = test.mask.shape[2] // 2
-    fig, axes = plt.subplots(len(MEASURES), 3, figsize=(7.5, 2.4 * len(MEASURES)))
-    for row, m in enumerate(MEASURES):
-        vmax = float(np.percentile(test.truth(m), 99))
-        images = [test.maps[m], _unmask(test.mask, getattr(fit, m)), _unmask(test.mask, prediction[:, row])]
-        for col, (image, label) in enumerate(zip(images, ["truth", f"fit, {n_all} DWIs", "q-DL, 12 DWIs"])):
-            ax = axes[row, col]
-            ax.imshow(image[:, :, z].T, origin="lower", cmap="gray", vmin=0, vmax=vmax)
-            ax.set_title(f"{m.upper()}: {label}", fontsize=9)
-            ax.set_axis_off()
-    fig.tight_layout()
-    return fig
-
-
-def _curve_figure(curve):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(MEASURES), figsize=(11, 3.2))
     fit, qdl = np.array(curve["fit"]), np.array(curve["qdl"])
-    for i, (ax, m) in enumerate(zip(axes, MEASURES)):
-        ax.plot(curve["n"], fit[:, i], "o-", color="tab:red", label="DKI fit on the subset")
-        ax.plot(curve["n"], qdl[:, i], "s-", color="tab:blue", label="q-DL from the subset")
-        ax.set_xscale("log")
-        ax.minorticks_off()
-        ax.set_xticks(curve["n"], [str(n) for n in curve["n"]])
-        ax.set(xlabel="number of DWIs", ylabel="RMSE vs truth", title=m.upper())
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    return fig
-
-
-def _unmask(mask, values):
-    image = np.zeros(mask.shape, np.float32)
-    image[mask] = values
-    return image
+    rmse_by_method = {"DKI fit on the subset": dict(zip(MEASURES, fit.T)),
+                      "q-DL from the subset": dict(zip(MEASURES, qdl.T))}
+    section.figure(rmse_curve_figure(curve["n"], rmse_by_method, MEASURES),
+                   "RMSE against the ground truth vs number of DWIs (a DKI fit needs at least 22 volumes).")
