@@ -1,4 +1,4 @@
-"""``bioinverse dmri …`` commands: gtab, simulate, fit, train, predict.
+"""``bioinverse dmri …`` commands: gtab, simulate, fit, train, predict (+ the microstructure commands).
 
 Every command reads and writes NIfTI + FSL ``bvals``/``bvecs``; maps are written one file per
 measure (``<out>/<measure>.nii.gz``), each atomically.
@@ -229,3 +229,8 @@ def predict(
     else:
         maps = estimator.predict_maps(signals, data.gtab)
     _write_maps(out, data, maps)
+
+
+# The axon-microstructure commands (scheme, crossings, peaks, dictionary, fingerprint, hybrid,
+# learned) live in their own module and register themselves on `app` when imported.
+from bioinverse.dmri import cli_microstructure as _microstructure_commands  # noqa: E402, F401
