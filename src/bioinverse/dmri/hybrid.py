@@ -66,6 +66,7 @@ import torch
 
 import bioinverse
 from bioinverse._checks import real_finite_array
+from bioinverse.dmri._parameters import PARAMETER_NAMES, RANGE_SLACK, check_protocol, scale, unscale
 from bioinverse.dmri.crossing import Microstructure, normalise_b0
 from bioinverse.dmri.dictionary import FingerprintDictionary
 from bioinverse.dmri.pgse import PGSEProtocol
@@ -79,8 +80,6 @@ from bioinverse.train import fit as train_fit
 __all__ = ["BRANCH_HIDDEN", "HEAD_HIDDEN", "PARAMETER_NAMES", "HybridEstimator", "hybrid_train_config"]
 
 _FORMAT = "bioinverse.dmri.hybrid/1"
-#: Output columns of the network, in the order of :meth:`Microstructure.as_array`.
-PARAMETER_NAMES = ("nu1", "r1", "f1", "nu2", "r2", "f2")
 #: Default hidden widths of each branch and of the head: 1712 hidden units and 461 478 weights
 #: for the 782-atom default grid, close to the seed's 1700 and 4.6×10⁵ (Table 1).
 BRANCH_HIDDEN = (128, 128, 100)
@@ -92,8 +91,6 @@ _RANK_RTOL = 10 * np.finfo(np.float64).eps
 # 552-measurement protocol) or reduced (2r × 2N).
 _FULL_BATCH = 64
 _REDUCED_BATCH = 512
-# Targets may exceed the grid ranges by this much (rounding) before fit refuses them.
-_RANGE_SLACK = 1e-9
 
 
 def hybrid_train_config(max_epochs: int = 1000, **changes: Any) -> TrainConfig:
@@ -134,14 +131,6 @@ def hybrid_train_config(max_epochs: int = 1000, **changes: Any) -> TrainConfig:
     }
     recipe.update(changes)
     return TrainConfig(**recipe)
-
-
-def _check_protocol(protocol: Any, name: str = "protocol") -> PGSEProtocol:
-    if not isinstance(protocol, PGSEProtocol):
-        raise InputError(name, f"must be a PGSEProtocol, got {type(protocol).__name__}")
-    if not protocol.b0s_mask.any():
-        raise InputError(name, "has no measurement without diffusion weighting (G = 0) to normalise by")
-    return protocol
 
 
 def _check_widths(widths: Any, name: str) -> tuple[int, ...]:
@@ -320,7 +309,7 @@ class HybridEstimator:
                  branch_hidden: Sequence[int] = BRANCH_HIDDEN, head_hidden: Sequence[int] = HEAD_HIDDEN,
                  dropout: float = 0.1, config: TrainConfig | None = None, seed: int = 0,
                  _factors: dict[str, np.ndarray] | None = None):
-        self.protocol = _check_protocol(protocol)
+        self.protocol = check_protocol(protocol)
         self.branch_hidden = _check_widths(branch_hidden, "branch_hidden")
         if not self.branch_hidden:
             raise InputError("branch_hidden", "must have at least one width (the branch output width)")
@@ -435,17 +424,10 @@ class HybridEstimator:
                             dropout=self.dropout, init=init)
 
     def _scale(self, values: np.ndarray) -> np.ndarray:
-        low, high = self.ranges_[:, 0], self.ranges_[:, 1]
-        return (values - low) / (high - low)
+        return scale(values, self.ranges_)
 
     def _unscale(self, z: np.ndarray) -> np.ndarray:
-        low, high = self.ranges_[:, 0], self.ranges_[:, 1]
-        omega = np.asarray(z, dtype=np.float64) * (high - low) + low
-        nu1 = np.clip(0.5 * (omega[:, 0] - omega[:, 3] + 1.0), 0.0, 1.0)
-        omega[:, 0], omega[:, 3] = nu1, 1.0 - nu1
-        for column in (1, 2, 4, 5):
-            np.clip(omega[:, column], low[column], high[column], out=omega[:, column])
-        return omega
+        return unscale(z, self.ranges_, nu1_floor=0.0)
 
     def _targets(self, truth: Any, n_voxels: int, name: str) -> np.ndarray:
         if isinstance(truth, Microstructure):
@@ -460,7 +442,7 @@ class HybridEstimator:
         if not np.isfinite(values).all():
             raise InputError(name, "contains NaN or Inf")
         low, high = self.ranges_[:, 0], self.ranges_[:, 1]
-        outside = (values < low - _RANGE_SLACK) | (values > high + _RANGE_SLACK)
+        outside = (values < low - RANGE_SLACK) | (values > high + RANGE_SLACK)
         if outside.any():
             row, column = (int(i[0]) for i in np.nonzero(outside))
             raise InputError(name, f"voxel {row}: {PARAMETER_NAMES[column]} = {values[row, column]:.4g} lies "
@@ -772,7 +754,7 @@ class HybridEstimator:
             if saved.digest() != payload["protocol_digest"]:
                 raise ValueError("the stored protocol does not match its digest")
             if protocol is not None:
-                _check_protocol(protocol)
+                check_protocol(protocol)
                 if protocol.digest() != payload["protocol_digest"]:
                     raise InputError("protocol",
                                      f"differs from the protocol {path} was trained for (digest "

@@ -35,6 +35,7 @@ import torch
 
 import bioinverse
 from bioinverse._checks import real_finite_array
+from bioinverse.dmri._parameters import PARAMETER_NAMES, RANGE_SLACK, check_protocol, scale, unscale
 from bioinverse.dmri.crossing import Microstructure, normalise_b0
 from bioinverse.dmri.pgse import PGSEProtocol
 from bioinverse.errors import InputError
@@ -46,8 +47,6 @@ from bioinverse.train import fit as train_fit
 __all__ = ["DENSITY_RANGE", "PARAMETER_NAMES", "RADIUS_RANGE", "LearnedEstimator", "learned_train_config"]
 
 _FORMAT = "bioinverse.dmri.learned/1"
-#: Output columns of the network, in the order of :meth:`Microstructure.as_array`.
-PARAMETER_NAMES = ("nu1", "r1", "f1", "nu2", "r2", "f2")
 #: Default fixed range of the axon radius index, µm (that of the default dictionary grid).
 RADIUS_RANGE = (0.25, 2.23)
 #: Default fixed range of the fibre density.
@@ -58,8 +57,6 @@ _CPU_BLOCK = 2048
 # Voxels normalised at a time when the training inputs are assembled.
 _FIT_BLOCK = 16384
 _PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-# Targets may exceed the fixed ranges by this much (rounding of stored truths) before fit refuses.
-_RANGE_SLACK = 1e-9
 
 
 def learned_train_config(max_epochs: int = 1000, **changes: Any) -> TrainConfig:
@@ -123,14 +120,6 @@ def _column_ranges(radius_range: tuple[float, float], density_range: tuple[float
     """
     nu1, nu2 = (0.5, 1.0), (0.0, 0.5)
     return np.array([nu1, radius_range, density_range, nu2, radius_range, density_range], dtype=np.float64)
-
-
-def _check_protocol(protocol: Any, name: str = "protocol") -> PGSEProtocol:
-    if not isinstance(protocol, PGSEProtocol):
-        raise InputError(name, f"must be a PGSEProtocol, got {type(protocol).__name__}")
-    if not protocol.b0s_mask.any():
-        raise InputError(name, "has no measurement without diffusion weighting (G = 0) to normalise by")
-    return protocol
 
 
 def _truth_array(truth: Any, n_voxels: int, name: str) -> np.ndarray:
@@ -221,7 +210,7 @@ class LearnedEstimator:
                  dropout: float = 0.05, config: TrainConfig | None = None, seed: int = 0,
                  radius_range: tuple[float, float] = RADIUS_RANGE,
                  density_range: tuple[float, float] = DENSITY_RANGE):
-        self.protocol = _check_protocol(protocol)
+        self.protocol = check_protocol(protocol)
         try:
             self.hidden = tuple(hidden)
         except TypeError:
@@ -268,7 +257,7 @@ class LearnedEstimator:
     def _signals(self, signals: Any, protocol: PGSEProtocol | None, name: str = "signals") -> np.ndarray:
         """Signals as a 2-D float array (a view when possible), checked against the protocol."""
         if protocol is not None:
-            _check_protocol(protocol)
+            check_protocol(protocol)
             if protocol.digest() != self._digest:
                 raise InputError("protocol", "differs from the protocol the network was trained for "
                                              f"(digest {protocol.digest()[:12]}… vs {self._digest[:12]}…); "
@@ -308,22 +297,15 @@ class LearnedEstimator:
         return x
 
     def _scale(self, values: np.ndarray) -> np.ndarray:
-        low, high = self.ranges_[:, 0], self.ranges_[:, 1]
-        return (values - low) / (high - low)
+        return scale(values, self.ranges_)
 
     def _unscale(self, z: np.ndarray) -> np.ndarray:
-        low, high = self.ranges_[:, 0], self.ranges_[:, 1]
-        omega = np.asarray(z, dtype=np.float64) * (high - low) + low
-        nu1 = np.clip(0.5 * (omega[:, 0] - omega[:, 3] + 1.0), 0.5, 1.0)
-        omega[:, 0], omega[:, 3] = nu1, 1.0 - nu1
-        for column in (1, 2, 4, 5):
-            np.clip(omega[:, column], low[column], high[column], out=omega[:, column])
-        return omega
+        return unscale(z, self.ranges_, nu1_floor=0.5)
 
     def _targets(self, truth: Any, n_voxels: int, name: str) -> np.ndarray:
         values = _truth_array(truth, n_voxels, name)
         low, high = self.ranges_[:, 0], self.ranges_[:, 1]
-        outside = (values < low - _RANGE_SLACK) | (values > high + _RANGE_SLACK)
+        outside = (values < low - RANGE_SLACK) | (values > high + RANGE_SLACK)
         if outside.any():
             row, column = (int(i[0]) for i in np.nonzero(outside))
             what = {1: "radius_range", 2: "density_range", 4: "radius_range", 5: "density_range"}
@@ -598,7 +580,7 @@ class LearnedEstimator:
             if saved.digest() != payload["protocol_digest"]:
                 raise ValueError("the stored protocol does not match its digest")
             if protocol is not None:
-                _check_protocol(protocol)
+                check_protocol(protocol)
                 if protocol.digest() != payload["protocol_digest"]:
                     raise InputError("protocol", f"differs from the protocol {path} was trained for "
                                                  f"(digest {protocol.digest()[:12]}… vs "
