@@ -9,7 +9,7 @@ import pytest
 from bioinverse.cli import main
 from bioinverse.dmri.dictionary import FingerprintDictionary
 from bioinverse.dmri.fingerprint import Fingerprinting
-from bioinverse.dmri.io import _load_nifti, write_dwi, write_mask
+from bioinverse.dmri.io import read_nifti, write_dwi, write_mask
 from bioinverse.dmri.pgse import PGSEProtocol, hcp_mgh_protocol, read_scheme, write_scheme
 
 
@@ -22,7 +22,7 @@ def _run(args):
 
 
 def _image(path):
-    return _load_nifti(path)[0]
+    return read_nifti(path)[0]
 
 
 def _one_line_error(capsys, *fragments):

@@ -103,14 +103,14 @@ def _read_series(dwi: Path, scheme: Path, mask: Path | None) -> tuple[PGSEProtoc
     """
     import numpy as np
 
-    from bioinverse.dmri.io import DiffusionData, _load_nifti, read_mask
+    from bioinverse.dmri.io import DiffusionData, read_mask, read_nifti
     from bioinverse.errors import InputError
 
     protocol = _read_protocol(scheme)
     if not protocol.b0s_mask.any():
         raise InputError(scheme, "has no measurement without diffusion weighting (G = 0) to normalise by")
     dwi = Path(dwi)
-    data, affine = _load_nifti(dwi)
+    data, affine = read_nifti(dwi)
     if data.ndim != 4:
         raise InputError(dwi, f"has shape {_shape_text(data.shape)}; a diffusion series must be 4D "
                               "(X, Y, Z, volumes)")
@@ -137,11 +137,11 @@ def _read_peaks(path: Path, series: DiffusionData) -> np.ndarray:
     """
     import numpy as np
 
-    from bioinverse.dmri.io import _load_nifti
+    from bioinverse.dmri.io import read_nifti
     from bioinverse.errors import InputError
 
     path = Path(path)
-    values, affine = _load_nifti(path)
+    values, affine = read_nifti(path)
     grid = series.mask.shape
     if values.shape != (*grid, 6):
         raise InputError(path, f"has shape {_shape_text(values.shape)}; expected {_shape_text((*grid, 6))} "

@@ -30,6 +30,7 @@ __all__ = [
     "read_dwi",
     "read_map",
     "read_mask",
+    "read_nifti",
     "write_bvals_bvecs",
     "write_dwi",
     "write_map",
@@ -521,12 +522,19 @@ class DiffusionData:
         return out
 
 
-def _load_nifti(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Image data (float32) and affine of ``path``; every way of failing becomes an InputError."""
+def read_nifti(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Image data (float32) and voxel-to-world affine of a NIfTI file, validated.
+
+    Raises
+    ------
+    InputError
+        (source: the path) missing, empty, truncated or unreadable file, or an invalid affine.
+    """
     import nibabel as nib
     from nibabel.filebasedimages import ImageFileError
     from nibabel.spatialimages import HeaderDataError
 
+    path = Path(path)
     if not path.is_file():
         raise InputError(path, "no such file")
     if path.stat().st_size == 0:
@@ -599,7 +607,7 @@ def read_dwi(
     """
     dwi = Path(dwi)
     gtab = read_bvals_bvecs(bvals, bvecs, b0_threshold)
-    data, affine = _load_nifti(dwi)
+    data, affine = read_nifti(dwi)
     if data.ndim == 3:
         raise InputError(dwi, "is 3D; a diffusion series must be 4D (X, Y, Z, volumes)")
     if data.ndim != 4:
@@ -646,7 +654,7 @@ def read_mask(path: str | os.PathLike, shape: Sequence[int] | None = None) -> np
     3
     """
     path = Path(path)
-    data, _ = _load_nifti(path)
+    data, _ = read_nifti(path)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -691,7 +699,7 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     ((2, 2, 2), 0.0007)
     """
     path = Path(path)
-    data, affine = _load_nifti(path)
+    data, affine = read_nifti(path)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
