@@ -66,7 +66,18 @@ import torch
 
 import bioinverse
 from bioinverse._checks import real_finite_array
-from bioinverse.dmri._parameters import PARAMETER_NAMES, RANGE_SLACK, check_protocol, scale, unscale
+from bioinverse.dmri._parameters import (
+    PARAMETER_NAMES,
+    RANGE_SLACK,
+    check_protocol,
+    protocol_record,
+    read_model_file,
+    scale,
+    stored_protocol,
+    stored_training,
+    training_record,
+    unscale,
+)
 from bioinverse.dmri.crossing import Microstructure, normalise_b0
 from bioinverse.dmri.dictionary import FingerprintDictionary
 from bioinverse.dmri.pgse import PGSEProtocol
@@ -74,7 +85,7 @@ from bioinverse.errors import InputError
 from bioinverse.io import atomic_path
 from bioinverse.nn import SplitMLP
 from bioinverse.optim.stacked_nnls import nnls_factored, nnls_stacked
-from bioinverse.train import TrainConfig, TrainResult, select_device
+from bioinverse.train import TrainConfig, select_device
 from bioinverse.train import fit as train_fit
 
 __all__ = ["BRANCH_HIDDEN", "HEAD_HIDDEN", "PARAMETER_NAMES", "HybridEstimator", "hybrid_train_config"]
@@ -675,9 +686,6 @@ class HybridEstimator:
         pathlib.Path
         """
         self._check_fitted()
-        config = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v)
-                  for k, v in dataclasses.asdict(self._config_used).items()}
-        result = self.train_result_
         d, p = self.dictionary, self.protocol
         payload = {
             "format": _FORMAT,
@@ -697,17 +705,10 @@ class HybridEstimator:
                            "settings": d.settings},
             "dictionary_metadata": d.metadata(),
             "dictionary_factors": {k: torch.from_numpy(v.copy()) for k, v in self._coder.factors.items()},
-            "protocol": {name: torch.from_numpy(np.array(getattr(p, name), dtype=np.float64))
-                         for name in ("directions", "gradient_strength", "small_delta", "big_delta",
-                                      "echo_time")},
+            "protocol": protocol_record(p),
             "protocol_digest": self._digest,
             "seed": self.seed,
-            "config": config,
-            "train_result": {"history": [dict(h) for h in result.history],
-                             "best_epoch": int(result.best_epoch),
-                             "best_val_loss": float(result.best_val_loss),
-                             "stopped_early": bool(result.stopped_early),
-                             "epochs_run": int(result.epochs_run)},
+            **training_record(self._config_used, self.train_result_),
         }
         path = Path(path)
         with atomic_path(path) as tmp:
@@ -740,19 +741,9 @@ class HybridEstimator:
             Missing, foreign, corrupt or truncated file, or ``protocol`` differs from the saved one.
         """
         path = Path(path)
-        if not path.is_file():
-            raise InputError(path, "no such file")
+        payload = read_model_file(path, _FORMAT, "hybrid dMRI model")
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
-            raise InputError(path, f"is not a readable model file, corrupt or truncated "
-                                   f"({type(exc).__name__}: {exc})") from None
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise InputError(path, f"is not a bioinverse hybrid dMRI model (no {_FORMAT!r} format tag)")
-        try:
-            saved = PGSEProtocol(**{k: v.numpy() for k, v in payload["protocol"].items()})
-            if saved.digest() != payload["protocol_digest"]:
-                raise ValueError("the stored protocol does not match its digest")
+            saved = stored_protocol(payload)
             if protocol is not None:
                 check_protocol(protocol)
                 if protocol.digest() != payload["protocol_digest"]:
@@ -770,8 +761,7 @@ class HybridEstimator:
                                                stored["signals"].numpy(), stored["generator"],
                                                stored["settings"])
             arch = payload["architecture"]
-            fields = {f.name for f in dataclasses.fields(TrainConfig)}
-            config = TrainConfig(**{k: v for k, v in payload["config"].items() if k in fields})
+            config, train_result = stored_training(payload)
             factors = {k: v.numpy() for k, v in payload["dictionary_factors"].items()}
             net = cls(dictionary, saved, branch_hidden=tuple(arch["branch_hidden"]),
                       head_hidden=tuple(arch["head_hidden"]), dropout=float(arch["dropout"]), config=config,
@@ -783,17 +773,12 @@ class HybridEstimator:
             model = net._build_model(init="default")
             model.load_state_dict(payload["state_dict"], strict=True)
             model.to(select_device(device)).eval()
-            tr = payload["train_result"]
         except InputError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             raise InputError(path, f"is a corrupt hybrid model ({type(exc).__name__}: {exc})") from None
         net.model_ = model
-        net.train_result_ = TrainResult(history=[dict(h) for h in tr["history"]],
-                                        best_epoch=int(tr["best_epoch"]),
-                                        best_val_loss=float(tr["best_val_loss"]),
-                                        stopped_early=bool(tr["stopped_early"]),
-                                        epochs_run=int(tr["epochs_run"]))
+        net.train_result_ = train_result
         net._config_used = config
         net.saved_version_ = str(payload.get("bioinverse_version", ""))
         return net

@@ -35,13 +35,24 @@ import torch
 
 import bioinverse
 from bioinverse._checks import real_finite_array
-from bioinverse.dmri._parameters import PARAMETER_NAMES, RANGE_SLACK, check_protocol, scale, unscale
+from bioinverse.dmri._parameters import (
+    PARAMETER_NAMES,
+    RANGE_SLACK,
+    check_protocol,
+    protocol_record,
+    read_model_file,
+    scale,
+    stored_protocol,
+    stored_training,
+    training_record,
+    unscale,
+)
 from bioinverse.dmri.crossing import Microstructure, normalise_b0
 from bioinverse.dmri.pgse import PGSEProtocol
 from bioinverse.errors import InputError
 from bioinverse.io import atomic_path
 from bioinverse.nn import MLP
-from bioinverse.train import TrainConfig, TrainResult, select_device
+from bioinverse.train import TrainConfig, select_device
 from bioinverse.train import fit as train_fit
 
 __all__ = ["DENSITY_RANGE", "PARAMETER_NAMES", "RADIUS_RANGE", "LearnedEstimator", "learned_train_config"]
@@ -511,9 +522,6 @@ class LearnedEstimator:
         pathlib.Path
         """
         self._check_fitted()
-        config = {k: (os.fspath(v) if isinstance(v, os.PathLike) else v)
-                  for k, v in dataclasses.asdict(self._config_used).items()}
-        result = self.train_result_
         p = self.protocol
         payload = {
             "format": _FORMAT,
@@ -525,17 +533,10 @@ class LearnedEstimator:
             "radius_range": list(self.radius_range),
             "density_range": list(self.density_range),
             "ranges": torch.from_numpy(self.ranges_.copy()),
-            "protocol": {name: torch.from_numpy(np.array(getattr(p, name), dtype=np.float64))
-                         for name in ("directions", "gradient_strength", "small_delta", "big_delta",
-                                      "echo_time")},
+            "protocol": protocol_record(p),
             "protocol_digest": self._digest,
             "seed": self.seed,
-            "config": config,
-            "train_result": {"history": [dict(h) for h in result.history],
-                             "best_epoch": int(result.best_epoch),
-                             "best_val_loss": float(result.best_val_loss),
-                             "stopped_early": bool(result.stopped_early),
-                             "epochs_run": int(result.epochs_run)},
+            **training_record(self._config_used, self.train_result_),
         }
         path = Path(path)
         with atomic_path(path) as tmp:
@@ -566,19 +567,9 @@ class LearnedEstimator:
             Missing, foreign, corrupt or truncated file, or ``protocol`` differs from the saved one.
         """
         path = Path(path)
-        if not path.is_file():
-            raise InputError(path, "no such file")
+        payload = read_model_file(path, _FORMAT, "fully learned dMRI model")
         try:
-            payload = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - torch raises many types for a truncated or foreign file
-            raise InputError(path, f"is not a readable model file, corrupt or truncated "
-                                   f"({type(exc).__name__}: {exc})") from None
-        if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-            raise InputError(path, f"is not a bioinverse fully learned dMRI model (no {_FORMAT!r} format tag)")
-        try:
-            saved = PGSEProtocol(**{k: v.numpy() for k, v in payload["protocol"].items()})
-            if saved.digest() != payload["protocol_digest"]:
-                raise ValueError("the stored protocol does not match its digest")
+            saved = stored_protocol(payload)
             if protocol is not None:
                 check_protocol(protocol)
                 if protocol.digest() != payload["protocol_digest"]:
@@ -587,8 +578,7 @@ class LearnedEstimator:
                                                  f"{payload['protocol_digest'][:12]}…); a fully learned "
                                                  "network must be retrained for a new protocol")
             arch = payload["architecture"]
-            fields = {f.name for f in dataclasses.fields(TrainConfig)}
-            config = TrainConfig(**{k: v for k, v in payload["config"].items() if k in fields})
+            config, train_result = stored_training(payload)
             net = cls(saved, hidden=tuple(int(h) for h in arch["hidden"]), dropout=float(arch["dropout"]),
                       config=config, seed=int(payload["seed"]),
                       radius_range=tuple(payload["radius_range"]), density_range=tuple(payload["density_range"]))
@@ -600,15 +590,12 @@ class LearnedEstimator:
                             dropout=net.dropout, init="default")
             model.load_state_dict(payload["state_dict"], strict=True)
             model.to(select_device(device)).eval()
-            tr = payload["train_result"]
         except InputError:
             raise
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as exc:
             raise InputError(path, f"is a corrupt fully learned model ({type(exc).__name__}: {exc})") from None
         net.model_ = model
-        net.train_result_ = TrainResult(history=[dict(h) for h in tr["history"]], best_epoch=int(tr["best_epoch"]),
-                                        best_val_loss=float(tr["best_val_loss"]),
-                                        stopped_early=bool(tr["stopped_early"]), epochs_run=int(tr["epochs_run"]))
+        net.train_result_ = train_result
         net._config_used = config
         net.saved_version_ = str(payload.get("bioinverse_version", ""))
         return net
