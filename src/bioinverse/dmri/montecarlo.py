@@ -151,6 +151,21 @@ def _direction(a, cos_table, sin_table):  # pragma: no cover - compiled
     return c * ce - s * se, s * ce + c * se
 
 
+@numba.njit(inline="always")
+def _step_direction(k, state, z, cos_table, sin_table):  # pragma: no cover - compiled
+    """Direction of step k of a walker: one 64-bit draw gives the directions of two steps.
+
+    Returns the generator state, its last output and the unit vector (ux, uy).
+    """
+    if k & 1 == 0:
+        state, z = _splitmix64(state)
+        a = np.int64(z >> np.uint64(32))
+    else:
+        a = np.int64(z & np.uint64(0xFFFFFFFF))
+    ux, uy = _direction(a, cos_table, sin_table)
+    return state, z, ux, uy
+
+
 def _keys(rng: np.random.Generator, n: int) -> np.ndarray:
     return rng.integers(0, np.iinfo(np.int64).max, size=n, dtype=np.int64).astype(np.uint64)
 
@@ -508,13 +523,7 @@ def _walk_extra(start_pos, side, n_grid, start, table, ids, step, weights_t, key
                 acc[j, 1] += weights_t[k, j] * Y
             if k == n_steps:
                 break
-            # One 64-bit draw gives the directions of two steps.
-            if k & 1 == 0:
-                state, z = _splitmix64(state)
-                a = np.int64(z >> np.uint64(32))
-            else:
-                a = np.int64(z & np.uint64(0xFFFFFFFF))
-            ux, uy = _direction(a, cos_table, sin_table)
+            state, z, ux, uy = _step_direction(k, state, z, cos_table, sin_table)
             remaining = step
             last = -1
             for _ in range(_MAX_REFLECTIONS):
@@ -597,12 +606,7 @@ def _walk_intra(start_rel, radius, step, weights_t, keys, cos_table, sin_table):
                 acc[j, 1] += weights_t[k, j] * y
             if k == n_steps:
                 break
-            if k & 1 == 0:
-                state, z = _splitmix64(state)
-                a = np.int64(z >> np.uint64(32))
-            else:
-                a = np.int64(z & np.uint64(0xFFFFFFFF))
-            ux, uy = _direction(a, cos_table, sin_table)
+            state, z, ux, uy = _step_direction(k, state, z, cos_table, sin_table)
             remaining = step
             for _ in range(_MAX_REFLECTIONS):
                 b = x * ux + y * uy
