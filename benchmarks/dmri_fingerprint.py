@@ -35,6 +35,7 @@ from bioinverse.dmri.crossing import (
     estimate_orientations,
     match_orientations,
     simulate_crossings,
+    simulate_training_set,
 )
 from bioinverse.dmri.dictionary import build_dictionary, default_grid
 from bioinverse.dmri.fingerprint import (
@@ -56,13 +57,6 @@ SIZES = {
     True: {"n_train": 30_000, "n_test": 600, "n_brute": 1, "epochs": 60, "n_tsne": 1200},
     False: {"n_train": 400_000, "n_test": 5_000, "n_brute": 3, "epochs": 200, "n_tsne": 11_730},
 }
-
-
-def _training_set(protocol, n_train: int, seed: int) -> CrossingSet:
-    parts = [simulate_crossings(protocol, n_train // len(SNRS), snr, seed=seed + i) for i, snr in enumerate(SNRS)]
-    return CrossingSet(np.concatenate([p.signals for p in parts]), np.concatenate([p.orientations for p in parts]),
-                       Microstructure(*(np.concatenate([getattr(p.truth, name) for p in parts])
-                                        for name in PARAMETERS.values())), float("nan"))
 
 
 def _absolute_errors(estimate: Microstructure, truth: Microstructure) -> dict[str, np.ndarray]:
@@ -128,7 +122,7 @@ def run(quick: bool, out: Path) -> StudyResult:
     metrics["dictionary_atoms_per_population"] = dictionary.n_atoms
 
     print("simulating training and test sets", flush=True)
-    train = _training_set(protocol, size["n_train"], seed=10)
+    train = simulate_training_set(protocol, size["n_train"], SNRS, seed=10)
     tests = {snr: simulate_crossings(protocol, size["n_test"], snr, seed=1000 + snr) for snr in SNRS}
     orientations = {}
     for snr, test in tests.items():

@@ -279,22 +279,13 @@ def _check_seed(seed: int) -> int:
 
 def _training_set(protocol: PGSEProtocol, samples: int, snr: str, seed: int, **ranges) -> CrossingSet:
     """Simulated crossings: ``samples`` voxels split evenly over the SNR levels, one seed per level."""
-    import numpy as np
-
-    from bioinverse.dmri.crossing import CrossingSet, Microstructure, simulate_crossings
+    from bioinverse.dmri.crossing import simulate_training_set
     from bioinverse.errors import InputError
 
     levels = _parse_snrs(snr)
     if samples < 2 * len(levels):
         raise InputError("--samples", f"must be at least 2 per SNR level ({2 * len(levels)}), got {samples}")
-    counts = [samples // len(levels) + (i < samples % len(levels)) for i in range(len(levels))]
-    seeds = [int(np.random.SeedSequence(seed, spawn_key=(i,)).generate_state(1)[0])
-             for i in range(len(levels))]
-    sets = [simulate_crossings(protocol, n, level, seed=s, **ranges)
-            for n, level, s in zip(counts, levels, seeds)]
-    truth = Microstructure.from_array(np.concatenate([s.truth.as_array() for s in sets]))
-    return CrossingSet(np.concatenate([s.signals for s in sets]),
-                       np.concatenate([s.orientations for s in sets]), truth, min(s.snr for s in sets))
+    return simulate_training_set(protocol, samples, levels, seed, **ranges)
 
 
 def _report_training(estimator, seconds: float) -> None:

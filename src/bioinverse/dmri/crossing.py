@@ -33,6 +33,7 @@ __all__ = [
     "match_orientations",
     "normalise_b0",
     "simulate_crossings",
+    "simulate_training_set",
 ]
 
 PARAMETERS = ("nu", "radius", "density")
@@ -259,6 +260,56 @@ def simulate_crossings(
     if np.isfinite(snr_value):
         signals = rician_noise(signals, snr_value, rng=rng)
     return CrossingSet(signals, orientations, truth, snr_value)
+
+
+def simulate_training_set(
+    protocol: PGSEProtocol,
+    n_voxels: int,
+    snrs: tuple[float | None, ...],
+    seed: int = 0,
+    **ranges: tuple[float, float],
+) -> CrossingSet:
+    """Voxels for training a network at several noise levels at once.
+
+    ``n_voxels // len(snrs)`` voxels per SNR level (level i simulated by :func:`simulate_crossings`
+    with seed ``seed + i``), concatenated level after level; the remainder of the division is
+    dropped.
+
+    Parameters
+    ----------
+    protocol : PGSEProtocol
+    n_voxels : int
+        Total number of voxels; at least one per level.
+    snrs : sequence of float or None
+        The SNR levels (``None`` or ``inf``: noise-free).
+    seed : int
+        Seed of the first level.
+    **ranges
+        ``radius_range``, ``density_range``, ``nu_range``, ``angle_range_deg`` of
+        :func:`simulate_crossings`.
+
+    Returns
+    -------
+    CrossingSet
+        Its ``snr`` is NaN: the voxels mix the levels.
+
+    Examples
+    --------
+    >>> from bioinverse.dmri.pgse import hcp_mgh_protocol
+    >>> len(simulate_training_set(hcp_mgh_protocol(), 7, (25, 50, 100), seed=3))
+    6
+    """
+    levels = tuple(snrs)
+    if not levels:
+        raise InputError("snrs", "must name at least one SNR level")
+    if isinstance(n_voxels, bool) or not isinstance(n_voxels, (int, np.integer)) or n_voxels < len(levels):
+        raise InputError("n_voxels", f"must be an integer ≥ the number of SNR levels ({len(levels)}), "
+                                     f"got {n_voxels!r}")
+    parts = [simulate_crossings(protocol, int(n_voxels) // len(levels), snr, seed=seed + i, **ranges)
+             for i, snr in enumerate(levels)]
+    truth = Microstructure(*(np.concatenate([getattr(part.truth, name) for part in parts]) for name in PARAMETERS))
+    return CrossingSet(np.concatenate([part.signals for part in parts]),
+                       np.concatenate([part.orientations for part in parts]), truth, float("nan"))
 
 
 def normalise_b0(signals: ArrayLike, protocol: PGSEProtocol) -> np.ndarray:
