@@ -1207,7 +1207,8 @@ def read_fsc_star(path: str | os.PathLike, column: str | None = None):
     when present, must count 0, 1, 2, …), so N = 2 × (rows − 1); the pixel size is half the
     rlnAngstromResolution of the last row (Nyquist), or 1 / (2 rlnResolution) without that column, and
     every row's rlnResolution must equal s / (N · pixel size). ``n_coefficients`` are the counts of an N³
-    box (the file does not hold them).
+    box (the file does not hold them). The frequency of shell 0 is 0 whatever the file says (RELION writes
+    1/999 Å⁻¹ there).
 
     Parameters
     ----------
@@ -1271,7 +1272,8 @@ def read_fsc_star(path: str | os.PathLike, column: str | None = None):
     if not pixel_size > 0:
         raise InputError(path, "its last FSC row has no positive resolution; it must be the Nyquist shell")
     expected = np.arange(rows) / (box * pixel_size)
-    if not np.allclose(frequency, expected, rtol=1e-3, atol=2e-6):
+    # Shell 0 is left out: RELION writes 1/999 Å there, the reciprocal of its stand-in for infinity.
+    if not np.allclose(frequency[1:], expected[1:], rtol=1e-3, atol=2e-6):
         raise InputError(path, f"rlnResolution is not s / (N · pixel size) of shells s = 0 … {rows - 1} of a "
                          f"{box}-voxel box at {pixel_size:g} Å (does the table end at Nyquist?)")
     return FSCCurve(frequency=expected, values=values, n_coefficients=_shell_counts(box), pixel_size=pixel_size)
