@@ -353,3 +353,25 @@ def test_figures_reject_bad_input(tmp_path):
     with pytest.raises(InputError, match="cubic"):
         slices_figure({"x": np.zeros((4, 4, 5))}, tmp_path / "s.png")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("ignore", [False, True])
+def test_shift_search_starts_at_the_origins_unless_told_to_ignore_them(session, tmp_path, capsys, monkeypatch,
+                                                                        ignore):
+    import bioinverse.cryoem.refine as refine_module
+
+    seen = {}
+
+    def stop(*args, initial_shifts=None, **kwargs):
+        seen["shifts"] = initial_shifts
+        raise InputError("stop", "here")
+
+    monkeypatch.setattr(refine_module, "refine", stop)
+    argv = _refine_argv(session, tmp_path / "out") + (["--ignore-origins"] if ignore else [])
+    code, _, err = run(argv, capsys)
+    assert_user_error(code, err, "stop")
+    if ignore:
+        assert seen["shifts"] is None
+    else:
+        particles = read_particles(session["sim"] / "particles.star")
+        np.testing.assert_allclose(seen["shifts"], -particles.origins / APIX)

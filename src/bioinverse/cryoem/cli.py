@@ -254,12 +254,16 @@ def refine_command(
     truth: Annotated[Path | None, typer.Option("--truth", help="STAR file with the true poses of the same "
                                                                   "particles (matched by image): report angular "
                                                                   "errors.")] = None,
+    ignore_origins: Annotated[bool, typer.Option("--ignore-origins", help="Start every shift search at 0, as "
+                                                                         "for freshly picked particles (e.g. a "
+                                                                         "blind test on simulated ones).")] = False,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
 ) -> None:
     """Gold-standard 3-D refinement (MAP-EM, as RELION's auto-refine) of particles against a reference.
 
-    Input origins (rlnOriginX/YAngst), when the STAR file has poses, centre the first shift search, and
-    input half sets (rlnRandomSubset 1/2) are kept; otherwise particles are split at random (--seed).
+    Input origins (rlnOriginX/YAngst), when the STAR file has poses, centre the first shift search (unless
+    --ignore-origins); input angles are not used (the first search is global). Input half sets
+    (rlnRandomSubset 1/2) are kept; otherwise particles are split at random (--seed).
     Rerunning the same command resumes from OUT/checkpoint.pt. Writes OUT/half1.mrc, half2.mrc, map.mrc,
     fsc.star (data_fsc), fsc.png, particles.star (refined angles, origins, rlnRandomSubset,
     rlnMaxValueProbDistribution), history.json and, with --truth, angular_error.png.
@@ -306,7 +310,8 @@ def refine_command(
     config = RefineConfig(particle_diameter=diameter, initial_resolution=ini_high, healpix_order=healpix_order,
                           max_healpix_order=max_healpix_order, offset_range=offset_range, offset_step=offset_step,
                           max_iterations=max_iterations, seed=seed)
-    initial_shifts = origin_to_shift(particles.origins, pixel_size) if particles.has_poses else None
+    use_origins = particles.has_poses and not ignore_origins
+    initial_shifts = origin_to_shift(particles.origins, pixel_size) if use_origins else None
     subsets = particles.random_subset
     half = subsets if set(np.unique(subsets)) == {1, 2} else None
     typer.echo(f"{n} particles of {box}×{box} px, {pixel_size:g} Å/px; half sets "
