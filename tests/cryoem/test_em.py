@@ -20,7 +20,7 @@ def problem():
     volume[9:12, 4:7, 8:10] = 2.0
     projector = FourierProjector(BOX)
     volume_ft = projector.transform(volume)
-    pixels, flat, weight = half_plane_pixels(BOX, 6.0)
+    pixels, _, weight = half_plane_pixels(BOX, 6.0)
     n = 5
     truth = torch.as_tensor(euler_to_matrix(*random_rotations(n, seed=1).T), dtype=torch.float32)
     contrast = torch.as_tensor(ctf(pixels / (BOX * 3.0), rng.uniform(8e3, 2e4, n), rng.uniform(8e3, 2e4, n),
@@ -36,8 +36,8 @@ def problem():
                                                   dtype=torch.float32)])
     translations = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, -1.0], [0.5, 0.5]])
     previous = torch.as_tensor(rng.uniform(-1, 1, (n, 2)), dtype=torch.float32)
-    return dict(projector=projector, volume_ft=volume_ft, band=band, rotations=rotations,
-                translations=translations, previous=previous)
+    return {"projector": projector, "volume_ft": volume_ft, "band": band, "rotations": rotations,
+            "translations": translations, "previous": previous}
 
 
 def brute_force(p, offset_sigma):

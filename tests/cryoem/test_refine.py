@@ -31,8 +31,8 @@ def clean_set():
 
 
 def _config(**changes):
-    settings = dict(particle_diameter=66.0, initial_resolution=20.0, healpix_order=1, max_healpix_order=3,
-                    offset_range=2.0, offset_step=1.0, max_iterations=8)
+    settings = {"particle_diameter": 66.0, "initial_resolution": 20.0, "healpix_order": 1,
+                "max_healpix_order": 3, "offset_range": 2.0, "offset_step": 1.0, "max_iterations": 8}
     settings.update(changes)
     return RefineConfig(**settings)
 
@@ -56,7 +56,7 @@ def test_refinement_recovers_a_known_map_from_clean_projections(clean_set):
 
 def test_true_poses_reconstruct_the_map(clean_set):
     sim = clean_set
-    halves, final, curve = reconstruct_with_poses(sim.images, APIX, sim.particles.ctf_parameters()._asdict(),
+    _, final, curve = reconstruct_with_poses(sim.images, APIX, sim.particles.ctf_parameters()._asdict(),
                                                   sim.particles.angles, sim.shifts)
     assert curve[1:7].min() > 0.85  # beyond, these smooth blobs have next to no power left
     mask = soft_sphere_mask(BOX, 11.0, 2.0)

@@ -43,15 +43,15 @@ Two searches share these formulas:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
 from bioinverse.cryoem.projection import FourierProjector, shift_phases
 
-__all__ = ["Band", "StepResult", "global_search", "local_search", "hermitian_sum"]
+__all__ = ["Band", "StepResult", "global_search", "hermitian_sum", "local_search"]
 
 
 @dataclass
@@ -137,6 +137,14 @@ def _noise_sums(band: Band, residual: torch.Tensor, n_shells: int) -> tuple[np.n
     return sums.numpy(), counts.numpy()
 
 
+def _softmax_(scores: torch.Tensor) -> torch.Tensor:
+    """Row-wise soft-max computed in place (the score tensor is the largest array of an E-step)."""
+    scores -= scores.amax(dim=1, keepdim=True)
+    scores.exp_()
+    scores /= scores.sum(dim=1, keepdim=True)
+    return scores
+
+
 def global_search(
     volume_ft: torch.Tensor,
     projector: FourierProjector,
@@ -203,7 +211,7 @@ def global_search(
         norm = (ctf.square() * (band.weight * band.inv_sigma2)) @ proj_power.T  # (c, n_orient)
         scores -= 0.5 * norm[:, None, :]
         scores += log_prior[None, :, None]
-        weights = torch.softmax(scores.view(c, -1), dim=1).view(c, n_t, n_orient)
+        weights = _softmax_(scores.view(c, -1)).view(c, n_t, n_orient)
         best_p, best = weights.view(c, -1).max(dim=1)
         best_t, best_j = best // n_orient, best % n_orient
         orientation[sl] = best_j.numpy()
@@ -223,8 +231,10 @@ def global_search(
             progress(c)
 
     numerator_slices = torch.complex(num_img[:, :n_pix], num_img[:, n_pix:])
-    numerator = projector.A_adjoint(numerator_slices, rotations, band.pixels)
-    denominator = projector.insert_weights(den_img, rotations, band.pixels)
+    size = projector.padded_box
+    numerator = torch.zeros((size,) * 3, dtype=torch.complex64)
+    denominator = torch.zeros((size,) * 3, dtype=torch.float32)
+    projector.insert(numerator_slices, den_img, rotations, band.pixels, numerator, denominator)
     return StepResult(numerator, denominator, orientation, shift, max_probability,
                       np.full(n, n_orient * n_t), noise_power, noise_count)
 
@@ -328,8 +338,7 @@ def local_search(
         den_slices = per_orientation[used][:, None] * (ctf.square() * (band.insertion_factor * band.inv_sigma2))[
             used.nonzero()[:, 0]]
         rot_used = rot.view(c, m, 3, 3)[used]
-        projector.A_adjoint(num_slices, rot_used, band.pixels, out=numerator)
-        projector.insert_weights(den_slices, rot_used, band.pixels, out=denominator)
+        projector.insert(num_slices, den_slices, rot_used, band.pixels, numerator, denominator)
         if progress is not None:
             progress(c)
     return StepResult(numerator, denominator, orientation, shift, max_probability, significant,

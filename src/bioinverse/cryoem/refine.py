@@ -26,7 +26,8 @@ reconstruction from both halves, regularised with the full-set FSC :math:`2\,\ma
 
 Simplifications, against RELION: one noise spectrum for all particles (RELION: one per optics group); no
 per-particle intensity-scale or norm correction (particles are expected on RELION's greyscale, unit noise);
-no symmetry (C1); the angular prior of local searches is flat inside the search cone (RELION: Gaussian).
+no symmetry (C1); the angular prior of local searches is flat inside a cone of two angular steps
+(RELION: a Gaussian of σ = two steps, cut at 3σ).
 
 Every iteration is checkpointed (atomically) when an output folder is given, and :func:`refine` resumes
 from the checkpoint of a run with the same particles and settings.
@@ -35,6 +36,7 @@ from the checkpoint of a run with the same particles and settings.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -51,7 +53,10 @@ from bioinverse.cryoem.rotations import euler_to_matrix
 from bioinverse.cryoem.sampling import angular_step, local_orientations, orientation_grid, translation_grid
 from bioinverse.errors import InputError
 
-__all__ = ["RefineConfig", "RefineResult", "refine", "reconstruct_with_poses", "soft_sphere_mask", "image_spectra"]
+# Half-width of a local search, in angular steps of its grid: one step of the coarser grid before it.
+LOCAL_SEARCH_STEPS = 2.0
+
+__all__ = ["RefineConfig", "RefineResult", "image_spectra", "reconstruct_with_poses", "refine", "soft_sphere_mask"]
 
 
 @dataclass(frozen=True)
@@ -382,10 +387,10 @@ def refine(
                             inv_sigma2=inv_sigma2)
                 volume_ft = projector.transform(maps[h - 1])
                 previous = torch.as_tensor(shifts[members], dtype=torch.float32)
-                advance = lambda k: bar.advance(task, k)  # noqa: E731
+                advance = functools.partial(bar.advance, task)
                 if state["local"]:
                     previous_angles = state["angles"][members]
-                    candidates, valid = _candidates(order, previous_angles, 3.0 * angular_step(order))
+                    candidates, valid = _candidates(order, previous_angles, LOCAL_SEARCH_STEPS * angular_step(order))
                     step = local_search(volume_ft, projector, band, rotations, candidates, valid, translations,
                                         previous, offset_sigma, n_shells, config.adaptive_fraction,
                                         progress=advance)
