@@ -52,6 +52,7 @@ from bioinverse.cryoem.projection import FourierProjector, half_plane_pixels
 from bioinverse.cryoem.rotations import euler_to_matrix
 from bioinverse.cryoem.sampling import angular_step, local_orientations, orientation_grid, translation_grid
 from bioinverse.errors import InputError
+from bioinverse.fourier import fsc as fsc_curve
 
 # Half-width of a local search, in angular steps of its grid: one step of the coarser grid before it.
 LOCAL_SEARCH_STEPS = 2.0
@@ -70,9 +71,12 @@ class RefineConfig:
     initial_resolution : float
         Å; the frequencies used in the first iteration (RELION's ``--ini_high``).
     healpix_order : int
-        Order of the first, global search (3: 7.5°, RELION's default sampling).
+        Order of the first, global search (2: 15°; RELION's default 7.5° is order 2 oversampled once).
     max_healpix_order : int
         Finest order of the local searches (5: 1.875°).
+    local_healpix_order : int
+        Order from which searches are local (RELION's ``--auto_local_healpix_order``, 4 there, where adaptive
+        oversampling makes global searches at 7.5° affordable); coarser ones are global.
     offset_range, offset_step : float
         Pixels; the shifts searched in the global search (RELION ``--offset_range 5 --offset_step 1``).
     extra_shells : int
@@ -92,6 +96,7 @@ class RefineConfig:
     initial_resolution: float = 30.0
     healpix_order: int = 2
     max_healpix_order: int = 5
+    local_healpix_order: int = 3
     offset_range: float = 5.0
     offset_step: float = 1.0
     extra_shells: int = 5
@@ -214,12 +219,17 @@ def _wiener(numerator, denominator, tau2_shell, shells) -> torch.Tensor:
     return numerator * (tau2 / (denominator * tau2 + 1.0))
 
 
+def _shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> np.ndarray:
+    """Mean of a padded-grid quantity over each Fourier shell."""
+    idx = shells.reshape(-1)
+    total = torch.zeros(n_shells + 1, dtype=torch.float64).index_add_(0, idx, values.reshape(-1).double())
+    count = torch.bincount(idx, minlength=n_shells + 1).double()
+    return (total / count.clamp(min=1)).numpy()[:n_shells]
+
+
 def _tau2(fsc: np.ndarray, denominator: torch.Tensor, shells: torch.Tensor, n_shells: int) -> np.ndarray:
     """Eq. 12: τ² = FSC / (1 − FSC) / mean_shell(K); zero where FSC ≤ 0."""
-    idx = shells.reshape(-1)
-    k_sum = torch.zeros(n_shells + 1, dtype=torch.float64).index_add_(0, idx, denominator.reshape(-1).double())
-    k_count = torch.bincount(idx, minlength=n_shells + 1).double()
-    k_mean = (k_sum / k_count.clamp(min=1)).numpy()[:n_shells]
+    k_mean = _shell_mean(denominator, shells, n_shells)
     f = np.clip(fsc, 0.0, 0.999)
     with np.errstate(divide="ignore", invalid="ignore"):
         tau2 = np.where((f > 0) & (k_mean > 0), f / (1.0 - f) / k_mean, 0.0)
@@ -321,7 +331,10 @@ def refine(
 
     fingerprint = _fingerprint(images, shifts, reference, config)
     maps = np.stack([reference * mask, reference * mask])
-    state = {"iteration": 0, "order": config.healpix_order, "local": False, "offset_range": config.offset_range,
+    # The prior's first τ²: the power of the initial reference in each shell (RELION's initialisation).
+    reference_power = _shell_mean(projector.transform(maps[0]).abs().square(), grid_shells, n_shells)
+    state = {"tau2": [reference_power, reference_power], "iteration": 0, "order": config.healpix_order,
+             "local": False, "offset_range": config.offset_range,
              "offset_step": config.offset_step, "best_shell": 0.0, "stall": 0, "history": [],
              "resolution_shell": box * pixel_size / config.initial_resolution, "converged": False}
     orientation_index = np.zeros(n, np.int64)
@@ -411,9 +424,9 @@ def refine(
         inside = noise_count > 0
         sigma2 = np.where(inside, noise_power / np.maximum(noise_count, 1), sigma2)
 
-        halves, fsc, accumulators = _gold_standard_update(
+        halves, fsc, state["tau2"], accumulators = _gold_standard_update(
             [results[h].numerator for h in (1, 2)], [results[h].denominator for h in (1, 2)], projector,
-            grid_shells, n_shells, band_radius)
+            grid_shells, n_shells, band_radius, mask, pixel_size, state["tau2"])
         maps = np.stack([m * mask for m in halves])
 
         shell = _resolution_shell(fsc)
@@ -436,7 +449,7 @@ def refine(
         elif order < config.max_healpix_order:
             state["best_shell"] = max(state["best_shell"], shell)
             state["order"] = order + 1
-            state["local"] = True
+            state["local"] = state["order"] >= config.local_healpix_order
             state["offset_step"] = state["offset_step"] / 2.0
         else:
             state["stall"] += 1
@@ -462,21 +475,32 @@ def refine(
                         history=state["history"], converged=bool(state["converged"]))
 
 
-def _gold_standard_update(numerators, denominators, projector, grid_shells, n_shells, band_radius):
-    """Steps 3–4 of the module docstring: FSC of the unregularised halves, τ² (eq. 12), Wiener maps (eq. 11).
+def _gold_standard_update(numerators, denominators, projector, grid_shells, n_shells, band_radius, mask,
+                          pixel_size, tau2_previous=None):
+    """Steps 3–4 of the module docstring: FSC of the two halves, τ² (eq. 12), Wiener maps (eq. 11).
 
-    Returns the two half maps, the FSC per shell and the summed accumulators (B₁ + B₂, K₁ + K₂).
+    The FSC is that of the half maps regularised with the previous τ², inside the solvent mask (a map
+    divided by K alone is dominated by the noise of its least-sampled voxels near the CTF zeros and
+    underestimates the resolution). Without a previous τ² (a reconstruction from known poses) the first
+    τ² comes from the FSC of the unregularised ratios B / K.
+
+    Returns the two half maps (unmasked), the FSC per shell, the two τ² per shell and the summed
+    accumulators (B₁ + B₂, K₁ + K₂).
     """
     numerators = [hermitian_sum(b) for b in numerators]
     denominators = [hermitian_sum(k) for k in denominators]
-    unregularised = [b / (k + 1e-3 * k.mean()) for b, k in zip(numerators, denominators)]
-    fsc = _fourier_fsc(unregularised[0], unregularised[1], grid_shells, n_shells)
+    if tau2_previous is None:
+        unregularised = [b / (k + 1e-3 * k.mean()) for b, k in zip(numerators, denominators)]
+        raw = _fourier_fsc(unregularised[0], unregularised[1], grid_shells, n_shells)
+        tau2_previous = [_tau2(raw, k, grid_shells, n_shells) for k in denominators]
+    halves = [np.asarray(projector.reconstruct(_wiener(b, k, t, grid_shells)))
+              for b, k, t in zip(numerators, denominators, tau2_previous)]
+    fsc = fsc_curve(halves[0] * mask, halves[1] * mask, pixel_size).values.copy()
     fsc[int(np.floor(band_radius)) + 1:] = 0.0
-    halves = []
-    for b, k in zip(numerators, denominators):
-        estimate = _wiener(b, k, _tau2(fsc, k, grid_shells, n_shells), grid_shells)
-        halves.append(np.asarray(projector.reconstruct(estimate)))
-    return halves, fsc, (numerators[0] + numerators[1], denominators[0] + denominators[1])
+    tau2 = [_tau2(fsc, k, grid_shells, n_shells) for k in denominators]
+    halves = [np.asarray(projector.reconstruct(_wiener(b, k, t, grid_shells)))
+              for b, k, t in zip(numerators, denominators, tau2)]
+    return halves, fsc, tau2, (numerators[0] + numerators[1], denominators[0] + denominators[1])
 
 
 def _final_map(accumulators, fsc, projector, grid_shells, n_shells) -> np.ndarray:
@@ -565,8 +589,9 @@ def reconstruct_with_poses(
                                                                dtype=torch.float32), 1.0, n_shells)
         numerators.append(step.numerator)
         denominators.append(step.denominator)
-    halves, fsc, accumulators = _gold_standard_update(numerators, denominators, projector, grid_shells, n_shells,
-                                                      box // 2)
+    mask = soft_sphere_mask(box, 0.45 * box, 0.05 * box)
+    halves, fsc, _, accumulators = _gold_standard_update(numerators, denominators, projector, grid_shells,
+                                                         n_shells, box // 2, mask, pixel_size)
     return np.stack(halves), _final_map(accumulators, fsc, projector, grid_shells, n_shells), fsc
 
 
