@@ -78,7 +78,7 @@ def test_global_search_is_the_posterior_of_eq_8_and_the_sums_of_eq_9(problem):
     posterior, numerator, denominator = brute_force(problem, offset_sigma=1.5)
     p = problem
     step = global_search(p["volume_ft"], p["projector"], p["band"], p["rotations"], p["translations"],
-                         p["previous"], 1.5, n_shells=BOX // 2 + 1)
+                         p["previous"], 1.5, n_shells=BOX // 2 + 1, adaptive_fraction=1.0)
     flat = posterior.reshape(len(posterior), -1)
     best = flat.argmax(1)
     n_orient = len(p["rotations"])
@@ -96,7 +96,7 @@ def test_local_search_over_every_orientation_equals_the_global_search(problem):
     p = problem
     n, n_orient = len(p["band"]), len(p["rotations"])
     step_global = global_search(p["volume_ft"], p["projector"], p["band"], p["rotations"], p["translations"],
-                                p["previous"], 1.5, n_shells=BOX // 2 + 1)
+                                p["previous"], 1.5, n_shells=BOX // 2 + 1, adaptive_fraction=1.0)
     candidates = torch.arange(n_orient).repeat(n, 1)
     step_local = local_search(p["volume_ft"], p["projector"], p["band"], p["rotations"], candidates,
                               torch.ones_like(candidates, dtype=torch.bool), p["translations"], p["previous"], 1.5,
@@ -132,3 +132,21 @@ def test_hermitian_sum_makes_the_grid_hermitian():
     torch.testing.assert_close(mirrored, s.conj())
     real = torch.rand(6, 6, 6)
     torch.testing.assert_close(hermitian_sum(real)[3, 3, 3], 2 * real[3, 3, 3])
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.999, 0.5])
+def test_the_sparse_m_step_equals_the_dense_one(problem, monkeypatch, fraction):
+    import bioinverse.cryoem.em as em
+
+    p = problem
+    args = (p["volume_ft"], p["projector"], p["band"], p["rotations"], p["translations"], p["previous"], 1.5,
+            BOX // 2 + 1, fraction)
+    monkeypatch.setattr(em, "SPARSE_BELOW", 0.0)
+    dense = global_search(*args)
+    monkeypatch.setattr(em, "SPARSE_BELOW", 1.1)
+    sparse = global_search(*args)
+    scale = float(dense.numerator.abs().max())
+    np.testing.assert_allclose(sparse.numerator.numpy(), dense.numerator.numpy(), atol=1e-5 * scale)
+    np.testing.assert_array_equal(sparse.significant, dense.significant)
+    if fraction < 1.0:
+        assert (dense.significant < len(p["rotations"]) * len(p["translations"])).all()

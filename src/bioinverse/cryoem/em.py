@@ -51,6 +51,9 @@ import torch
 
 from bioinverse.cryoem.projection import FourierProjector, shift_phases
 
+# Below this share of poses left after pruning, the M-step uses a sparse product.
+SPARSE_BELOW = 0.02
+
 __all__ = ["Band", "StepResult", "global_search", "hermitian_sum", "local_search"]
 
 
@@ -154,6 +157,7 @@ def global_search(
     previous_shifts: torch.Tensor,
     offset_sigma: float,
     n_shells: int,
+    adaptive_fraction: float = 0.999,
     budget: int = 24_000_000,
     progress: Callable[[int], None] | None = None,
 ) -> StepResult:
@@ -174,6 +178,8 @@ def global_search(
         Width in pixels of the Gaussian prior on the shift change.
     n_shells : int
         Number of Fourier shells for the noise sums.
+    adaptive_fraction : float
+        Poses are pruned while at most ``1 − adaptive_fraction`` of each posterior is lost (1: none).
     budget : int
         Largest number of pose scores held at once (sets the particle chunk).
     progress : callable, optional
@@ -196,6 +202,7 @@ def global_search(
     orientation = np.empty(n, np.int64)
     shift = np.empty((n, 2))
     max_probability = np.empty(n)
+    significant = np.empty(n, np.int64)
     noise_power = np.zeros(n_shells)
     noise_count = np.zeros(n_shells)
     chunk = max(1, budget // (n_t * n_orient))
@@ -223,9 +230,26 @@ def global_search(
         noise_power += power
         noise_count += count
 
+        # Pruning with a guarantee: dropping every pose below (1 − fraction) / n_poses loses at most
+        # 1 − fraction of the posterior mass (RELION's --adaptive_fraction), without sorting.
+        weights = weights.view(c, -1)
+        weights.masked_fill_(weights < (1.0 - adaptive_fraction) / (n_t * n_orient), 0.0)
+        weights /= weights.sum(1, keepdim=True)
+        significant[sl] = torch.count_nonzero(weights, dim=1).numpy()
         inserted = (ctf * (band.insertion_factor * band.inv_sigma2))[:, None, :] * phase.conj() * y[:, None, :]
-        num_img += weights.view(c * n_t, n_orient).T @ _real_pair(inserted).reshape(c * n_t, 2 * n_pix)
-        den_img += weights.sum(1).T @ (ctf.square() * (band.insertion_factor * band.inv_sigma2))
+        inserted = _real_pair(inserted).reshape(c * n_t, 2 * n_pix)
+        weights = weights.view(c * n_t, n_orient)
+        n_kept = int(significant[sl].sum())
+        if n_kept < SPARSE_BELOW * weights.numel():
+            # Peaked posteriors: a sparse product over the poses left costs a fraction of the dense one.
+            rows, cols = weights.nonzero(as_tuple=True)
+            sparse = torch.sparse_coo_tensor(torch.stack([cols, rows]), weights[rows, cols], (n_orient, c * n_t),
+                                             check_invariants=False)
+            num_img += torch.sparse.mm(sparse, inserted)
+        else:
+            num_img += weights.T @ inserted
+        den_img += weights.view(c, n_t, n_orient).sum(1).T @ (ctf.square() * (band.insertion_factor
+                                                                            * band.inv_sigma2))
         del scores, weights, data_pair, inserted
         if progress is not None:
             progress(c)
@@ -235,8 +259,8 @@ def global_search(
     numerator = torch.zeros((size,) * 3, dtype=torch.complex64)
     denominator = torch.zeros((size,) * 3, dtype=torch.float32)
     projector.insert(numerator_slices, den_img, rotations, band.pixels, numerator, denominator)
-    return StepResult(numerator, denominator, orientation, shift, max_probability,
-                      np.full(n, n_orient * n_t), noise_power, noise_count)
+    return StepResult(numerator, denominator, orientation, shift, max_probability, significant, noise_power,
+                      noise_count)
 
 
 def local_search(

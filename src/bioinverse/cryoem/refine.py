@@ -409,7 +409,7 @@ def refine(
                                         progress=advance)
                 else:
                     step = global_search(volume_ft, projector, band, rotations, translations, previous,
-                                         offset_sigma, n_shells, progress=advance)
+                                         offset_sigma, n_shells, config.adaptive_fraction, progress=advance)
                 results[h] = step
                 new_orientation[members] = step.orientation
                 new_shifts[members] = step.shift
