@@ -23,7 +23,12 @@ from bioinverse.report import Report, Section
 __all__ = ["Demo", "register_demo", "registered_demos", "run_showcase"]
 
 # Modules whose import registers demos, in the order they appear in the report.
-DEMO_MODULES = ["bioinverse.showcase.core", "bioinverse.showcase.dmri", "bioinverse.showcase.dmri_microstructure"]
+DEMO_MODULES = [
+    "bioinverse.showcase.core",
+    "bioinverse.showcase.dmri",
+    "bioinverse.showcase.dmri_microstructure",
+    "bioinverse.showcase.cryoem",
+]
 
 
 @dataclass(frozen=True)
