@@ -3,9 +3,9 @@
 Adenylate kinase (``adk_open``, 214 residues, from the MDAnalysisTests collection; a synthetic helical
 bundle when that cannot be fetched) becomes a Coulomb-potential map, 1000 particle images with CTF, shifts
 and white noise, and a 30 Å low-pass initial reference — the seed's set-up (Kimanius et al. 2021 §3.2) at
-a higher SNR and fewer particles so the demo takes two or three minutes on two cores. The refinement is this package's
-(:func:`bioinverse.cryoem.refine.refine`); ``python -m benchmarks cryoem_refine`` runs it side by side
-with RELION.
+a higher SNR and with fewer particles, so the demo takes two or three minutes on two cores. The
+refinement is this package's (:func:`bioinverse.cryoem.refine.refine`); ``python -m benchmarks
+cryoem_refine`` runs it side by side with RELION.
 """
 
 from __future__ import annotations
