@@ -133,6 +133,18 @@ def _real_pair(z: torch.Tensor) -> torch.Tensor:
     return torch.cat([z.real, z.imag], dim=-1)
 
 
+def _score_terms(band: Band, y: torch.Tensor, ctf: torch.Tensor, phase: torch.Tensor):
+    """The data side of the two score terms: conj(y)·c·w/σ²·S per shift (c, n_t, n_pix), and c²·w/σ² (c, n_pix)."""
+    weight = band.weight * band.inv_sigma2
+    return (y.conj() * ctf * weight)[:, None, :] * phase, ctf.square() * weight
+
+
+def _insertion_terms(band: Band, y: torch.Tensor, ctf: torch.Tensor, phase: torch.Tensor):
+    """What eq. 9 back-projects per pose: c·conj(S)·y/σ² (c, n_t, n_pix) into B and c²/σ² (c, n_pix) into K."""
+    weight = band.insertion_factor * band.inv_sigma2
+    return (ctf * weight)[:, None, :] * phase.conj() * y[:, None, :], ctf.square() * weight
+
+
 def _noise_sums(band: Band, residual: torch.Tensor, n_shells: int) -> tuple[np.ndarray, np.ndarray]:
     power = (residual.real.square() + residual.imag.square()).sum(0).double()
     sums = torch.zeros(n_shells, dtype=torch.float64).index_add_(0, band.shells, power)
@@ -212,10 +224,10 @@ def global_search(
         c = y.shape[0]
         shifts = previous_shifts[sl, None, :] + translations[None]  # (c, n_t, 2)
         phase = torch.as_tensor(shift_phases(band.pixels, shifts, band.box))  # (c, n_t, n_pix)
-        data = (y.conj() * ctf * (band.weight * band.inv_sigma2))[:, None, :] * phase
+        data, ctf_power = _score_terms(band, y, ctf, phase)
         data_pair = torch.cat([data.real, -data.imag], dim=-1).reshape(c * n_t, 2 * n_pix)
         scores = (data_pair @ proj_pair.T).view(c, n_t, n_orient)
-        norm = (ctf.square() * (band.weight * band.inv_sigma2)) @ proj_power.T  # (c, n_orient)
+        norm = ctf_power @ proj_power.T  # (c, n_orient)
         scores -= 0.5 * norm[:, None, :]
         scores += log_prior[None, :, None]
         weights = _softmax_(scores.view(c, -1)).view(c, n_t, n_orient)
@@ -236,7 +248,7 @@ def global_search(
         weights.masked_fill_(weights < (1.0 - adaptive_fraction) / (n_t * n_orient), 0.0)
         weights /= weights.sum(1, keepdim=True)
         significant[sl] = torch.count_nonzero(weights, dim=1).numpy()
-        inserted = (ctf * (band.insertion_factor * band.inv_sigma2))[:, None, :] * phase.conj() * y[:, None, :]
+        inserted, inserted_power = _insertion_terms(band, y, ctf, phase)
         inserted = _real_pair(inserted).reshape(c * n_t, 2 * n_pix)
         weights = weights.view(c * n_t, n_orient)
         n_kept = int(significant[sl].sum())
@@ -248,8 +260,7 @@ def global_search(
             num_img += torch.sparse.mm(sparse, inserted)
         else:
             num_img += weights.T @ inserted
-        den_img += weights.view(c, n_t, n_orient).sum(1).T @ (ctf.square() * (band.insertion_factor
-                                                                            * band.inv_sigma2))
+        den_img += weights.view(c, n_t, n_orient).sum(1).T @ inserted_power
         del scores, weights, data_pair, inserted
         if progress is not None:
             progress(c)
@@ -322,10 +333,10 @@ def local_search(
         projections = projector.A(volume_ft, rot, band.pixels).view(c, m, n_pix)
         shifts = previous_shifts[sl, None, :] + translations[None]
         phase = torch.as_tensor(shift_phases(band.pixels, shifts, band.box))  # (c, n_t, n_pix)
-        data = (y.conj() * ctf * (band.weight * band.inv_sigma2))[:, None, :] * phase
+        data, ctf_power = _score_terms(band, y, ctf, phase)
         scores = torch.bmm(torch.cat([data.real, -data.imag], dim=-1), _real_pair(projections).transpose(1, 2))
         power = projections.real.square() + projections.imag.square()
-        norm = torch.einsum("cp,cmp->cm", ctf.square() * (band.weight * band.inv_sigma2), power)
+        norm = torch.einsum("cp,cmp->cm", ctf_power, power)
         scores -= 0.5 * norm[:, None, :]
         scores += log_prior[None, :, None]
         scores.masked_fill_(~ok[:, None, :], -torch.inf)
@@ -354,13 +365,12 @@ def local_search(
         noise_power += p
         noise_count += cnt
 
-        inserted = (ctf * (band.insertion_factor * band.inv_sigma2))[:, None, :] * phase.conj() * y[:, None, :]
+        inserted, inserted_power = _insertion_terms(band, y, ctf, phase)
         num_img = torch.bmm(weights.transpose(1, 2), _real_pair(inserted))  # (c, m, 2 n_pix)
         per_orientation = weights.sum(1)  # (c, m)
         used = per_orientation > 0
         num_slices = torch.complex(num_img[..., :n_pix], num_img[..., n_pix:])[used]
-        den_slices = per_orientation[used][:, None] * (ctf.square() * (band.insertion_factor * band.inv_sigma2))[
-            used.nonzero()[:, 0]]
+        den_slices = per_orientation[used][:, None] * inserted_power[used.nonzero()[:, 0]]
         rot_used = rot.view(c, m, 3, 3)[used]
         projector.insert(num_slices, den_slices, rot_used, band.pixels, numerator, denominator)
         if progress is not None:
