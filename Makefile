@@ -3,8 +3,8 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 OUT    ?= showcase
-# Debian packages of the peer tools the benchmarks run (e.g. relion elastix); none yet.
-APT_PEERS :=
+# Debian packages of the peer tools the benchmarks run: RELION 3.1 (relion_refine_mpi, mpirun) for cryoem_refine.
+APT_PEERS := relion
 
 .PHONY: demo test bench clean
 
