@@ -7,8 +7,8 @@ Each iteration, for each half :math:`h`:
    orientation grid × in-plane shifts — a global search at first, then local searches around each
    particle's previous pose on ever finer grids;
 2. **M-step** accumulators :math:`B_h, K_h` (eq. 9) by CTF-weighted back-projection;
-3. **regularisation** from the gold-standard FSC between the two halves' unregularised reconstructions
-   :math:`B_h / K_h` (eq. 12),
+3. **regularisation** from the gold-standard FSC between the two half maps (regularised with the previous
+   iteration's τ², inside the solvent mask; the first τ² is the initial reference's power) (eq. 12),
 
    .. math:: \tau_h^2 = \frac{1}{\bar K_h}\,\frac{\mathrm{FSC}}{1 - \mathrm{FSC}},
 
@@ -20,8 +20,8 @@ The noise power per Fourier shell is re-estimated every iteration from the resid
 most probable poses (RELION uses the posterior-weighted residuals; at the end of a refinement the posteriors
 are peaked and the two agree). The band of frequencies used grows with the resolution reached: the
 0.143 crossing of the FSC plus ``extra_shells``. Each time an iteration brings less than one Fourier
-shell, the angular sampling is refined one HEALPix order (the shift step halves) and searches become
-local; at the finest order two iterations without gain end the refinement. The final map is the
+shell, the angular sampling is refined one HEALPix order (the shift step halves); searches become local
+from ``local_healpix_order`` on, and at the finest order two iterations without gain end the refinement. The final map is the
 reconstruction from both halves, regularised with the full-set FSC :math:`2\,\mathrm{FSC}/(1+\mathrm{FSC})`.
 
 Simplifications, against RELION: one noise spectrum for all particles (RELION: one per optics group); no
