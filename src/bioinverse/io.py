@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_open", "write_text", "write_bytes", "write_json"]
+__all__ = ["atomic_path", "atomic_open", "write_text", "write_bytes", "write_json", "output_dir"]
 
 
 @contextlib.contextmanager
@@ -77,3 +77,20 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> Path:
     """Atomically write ``obj`` as JSON (NaN is refused: it is not JSON)."""
     return write_text(path, json.dumps(obj, indent=indent, allow_nan=False) + "\n")
+
+
+def output_dir(path: str | os.PathLike) -> Path:
+    """Create the output folder ``path`` (and its parents) if needed; an existing non-folder is an error.
+
+    Raises
+    ------
+    InputError
+        ``path`` exists and is not a directory.
+    """
+    from bioinverse.errors import InputError
+
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise InputError(out, "exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from bioinverse.io import output_dir
+
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
 
@@ -33,16 +35,6 @@ _PIXEL_RTOL = 1e-3
 
 # --------------------------------------------------------------------------------------------------
 # Helpers
-
-
-def _output_dir(out: Path) -> Path:
-    from bioinverse.errors import InputError
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
 
 
 def _positive(value: float, option: str, allow_zero: bool = False) -> float:
@@ -142,7 +134,7 @@ def simulate_command(
     _positive(bfactor, "--bfactor", allow_zero=True)
     _positive(ini_high, "--ini-high")
     lo, hi = _parse_defocus(defocus)
-    out = _output_dir(out)
+    out = output_dir(out)
 
     atoms = read_atoms(model)
     volume = atoms_to_map(atoms, box, apix, bfactor=bfactor, centre=True)
@@ -305,7 +297,7 @@ def refine_command(
     pixel_size = _pixel_size_of(star, particles)
     initial = _check_reference(Path(reference), box, pixel_size, star)
     true_poses = _match_truth(Path(truth), particles) if truth is not None else None
-    out = _output_dir(out)
+    out = output_dir(out)
 
     config = RefineConfig(particle_diameter=diameter, initial_resolution=ini_high, healpix_order=healpix_order,
                           max_healpix_order=max_healpix_order, offset_range=offset_range, offset_step=offset_step,

@@ -353,7 +353,7 @@ def refine(
                 log(f"resuming after iteration {state['iteration']}")
 
     ctf_cache = {}
-    from bioinverse.dmri._progress import progress_bar
+    from bioinverse._progress import progress_bar
 
     while not state["converged"] and state["iteration"] < config.max_iterations:
         iteration = state["iteration"] + 1

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from bioinverse.dmri.cli import app
+from bioinverse.io import output_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     import numpy as np
@@ -167,18 +168,8 @@ def _write_image(path: Path, data, affine) -> Path:
     return write_dwi(path, data, affine)
 
 
-def _output_dir(out: Path) -> Path:
-    from bioinverse.errors import InputError
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise InputError(out, "exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
-    return out
-
-
 def _write_parameter_maps(out: Path, series: DiffusionData, estimate: Microstructure) -> None:
-    out = _output_dir(out)
+    out = output_dir(out)
     for name in _PARAMETERS:
         path = _write_image(out / f"{name}.nii.gz", series.unmask(getattr(estimate, name)), series.affine)
         typer.echo(f"wrote {path}")
@@ -194,7 +185,7 @@ def _orientations(peaks: Path | None, series: DiffusionData, protocol: PGSEProto
     signals = series.voxels()
     typer.echo(f"estimating two fibre orientations per voxel by CSD ({len(signals)} voxels)", err=True)
     orientations = estimate_orientations(signals, protocol)
-    path = _write_image(_output_dir(out) / "peaks.nii.gz", series.unmask(orientations.reshape(-1, 6)),
+    path = _write_image(output_dir(out) / "peaks.nii.gz", series.unmask(orientations.reshape(-1, 6)),
                         series.affine)
     typer.echo(f"wrote {path}")
     return orientations
@@ -204,7 +195,7 @@ def _blockwise(description: str, n_voxels: int, compute) -> np.ndarray:
     """``compute(start, stop)`` (an array per block of voxels) under a progress bar, concatenated."""
     import numpy as np
 
-    from bioinverse.dmri._progress import progress_bar
+    from bioinverse._progress import progress_bar
 
     parts = []
     with progress_bar(True) as bar:
@@ -373,7 +364,7 @@ def crossings(
         raise InputError("--snr", f"must be positive (or inf for noise-free), got {snr:g}")
     data = simulate_crossings(protocol, math.prod(grid), None if math.isinf(snr) else snr,
                               seed=_check_seed(seed))
-    out = _output_dir(out)
+    out = output_dir(out)
     affine = np.eye(4)
 
     def image(values: np.ndarray) -> np.ndarray:

@@ -601,7 +601,7 @@ def build_dictionary(protocol: PGSEProtocol, generator: str = "analytic", radius
         done[:] = True
     else:
         montecarlo = _montecarlo_parameters()[0]
-        from bioinverse.dmri._progress import progress_bar
+        from bioinverse._progress import progress_bar
 
         last_write, unsaved = time.monotonic(), 0
         try:

@@ -49,7 +49,7 @@ import numpy as np
 import scipy.optimize
 from numpy.typing import ArrayLike
 
-from bioinverse.dmri._progress import progress_bar
+from bioinverse._progress import progress_bar
 from bioinverse.dmri.signal import (
     _D_FULL,
     _W_FULL,

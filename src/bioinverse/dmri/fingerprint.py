@@ -78,7 +78,7 @@ from numpy.typing import ArrayLike
 
 import bioinverse
 from bioinverse._checks import real_finite_array
-from bioinverse.dmri._progress import progress_bar
+from bioinverse._progress import progress_bar
 from bioinverse.dmri.crossing import Microstructure, normalise_b0
 from bioinverse.dmri.dictionary import FingerprintDictionary
 from bioinverse.dmri.pgse import PGSEProtocol

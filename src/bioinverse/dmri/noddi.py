@@ -62,7 +62,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.special import dawsn, erf, roots_laguerre
 
-from bioinverse.dmri._progress import progress_bar
+from bioinverse._progress import progress_bar
 from bioinverse.dmri.io import GradientTable
 from bioinverse.errors import InputError
 

@@ -1,4 +1,5 @@
-"""The progress bar of the voxel-wise fits (on stderr, so it never mixes with data on stdout)."""
+"""The progress bar of long loops (voxel-wise fits, refinement iterations), on stderr so it never mixes
+with data on stdout."""
 
 from __future__ import annotations
 
