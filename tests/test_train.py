@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -473,3 +474,17 @@ def test_progress_bar_rendered(capsys, monkeypatch):
     X, y = regression()
     fit(mlp(seed=0), X, y, config(max_epochs=2, progress=True))
     assert "lr 0.01" in capsys.readouterr().err
+
+
+def test_cosine_schedule_runs_half_a_cosine_after_warmup_and_fixes_max_epochs(tmp_path):
+    X, y = regression(n=64)
+    cfg = config(val_fraction=0.0, early_stopping="none", max_epochs=6, warmup_epochs=2, warmup_lr=0.001,
+                 lr=0.01, min_lr=0.001, schedule="cosine")
+    result = fit(mlp(seed=0), X, y, cfg)
+    expected = [0.001, 0.001] + [0.001 + 0.009 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    np.testing.assert_allclose([h["lr"] for h in result.history], expected, rtol=1e-12)
+    # Stretching the curve over more epochs would change the trajectory: resuming must refuse it.
+    ckpt = tmp_path / "c.pt"
+    fit(mlp(seed=0), X, y, dataclasses.replace(cfg, checkpoint=ckpt, max_epochs=3))
+    with pytest.raises(ValueError, match="max_epochs"):
+        fit(mlp(seed=0), X, y, dataclasses.replace(cfg, checkpoint=ckpt, max_epochs=6))

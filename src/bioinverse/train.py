@@ -33,6 +33,11 @@ after the warm-up, because losses measured at the warm-up rate say nothing about
     ``lr × schedule_factor`` after every epoch at which the mean training loss of the last
     ``schedule_patience`` epochs is not lower than the mean of the ``schedule_patience`` epochs
     before them (:func:`window_stagnates`).
+``"cosine"``
+    Half a cosine from ``lr`` down to ``min_lr`` over the epochs after the warm-up (Loshchilov &
+    Hutter, ICLR 2017, without restarts): epoch ``k`` of ``K = max_epochs − warmup_epochs`` runs at
+    ``min_lr + (lr − min_lr)(1 + cos(π k / K)) / 2``. It depends on ``max_epochs``, which then
+    becomes part of the checkpoint's fingerprint.
 
 Early stopping
 --------------
@@ -63,8 +68,8 @@ data-order generator; NumPy's and Python's global generators, which a custom los
 fingerprint of everything that shapes the result: the configuration fields that matter, the
 model's parameter names and shapes, and a digest of the data. Resuming with a checkpoint whose
 fingerprint differs raises a ``ValueError`` that names the first field that differs;
-``max_epochs``, ``restore_best``, ``device``, ``checkpoint_every``, ``log`` and ``progress`` may
-change between runs.
+``max_epochs`` (except under the cosine schedule), ``restore_best``, ``device``,
+``checkpoint_every``, ``log`` and ``progress`` may change between runs.
 """
 
 from __future__ import annotations
@@ -98,6 +103,7 @@ __all__ = [
     "window_stagnates",
     "PlateauSchedule",
     "StagnationSchedule",
+    "CosineSchedule",
     "ConstantSchedule",
     "EarlyStopping",
 ]
@@ -106,7 +112,7 @@ log = logging.getLogger(__name__)
 
 _CHECKPOINT_FORMAT = "bioinverse.train/1"
 _OPTIMIZERS = ("sgd", "adam", "adagrad")
-_SCHEDULES = ("none", "plateau", "stagnation")
+_SCHEDULES = ("none", "plateau", "stagnation", "cosine")
 _STOPPING = ("none", "patience", "window")
 _LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "mse": F.mse_loss,
@@ -159,7 +165,7 @@ class TrainConfig:
         Number of epochs run at ``warmup_lr`` before ``lr``.
     warmup_lr : float or None
         Learning rate of the warm-up; required when ``warmup_epochs > 0``.
-    schedule : {"none", "plateau", "stagnation"}
+    schedule : {"none", "plateau", "stagnation", "cosine"}
         Learning-rate schedule after the warm-up (see the module documentation).
     schedule_factor : float
         Factor in (0, 1] applied to the learning rate when the schedule fires.
@@ -469,6 +475,34 @@ class StagnationSchedule:
         self.losses = [float(v) for v in state["losses"]]
 
 
+class CosineSchedule:
+    """Half a cosine from ``lr`` to ``min_lr`` over ``epochs`` epochs.
+
+    ``step`` returns the rate of the next epoch, whatever the losses; the ``lr`` it receives is
+    ignored, because the curve is fixed by the starting rate given here.
+
+    Examples
+    --------
+    >>> s = CosineSchedule(lr=1.0, epochs=4, min_lr=0.0)
+    >>> [round(s.step(1.0, train_loss=0.0, val_loss=None), 4) for _ in range(4)]
+    [0.8536, 0.5, 0.1464, 0.0]
+    """
+
+    def __init__(self, lr: float, epochs: int, min_lr: float = 0.0):
+        self.lr, self.epochs, self.min_lr = lr, max(int(epochs), 1), min_lr
+        self.done = 0
+
+    def step(self, lr: float, *, train_loss: float, val_loss: float | None) -> float:
+        self.done = min(self.done + 1, self.epochs)
+        return self.min_lr + (self.lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * self.done / self.epochs))
+
+    def state_dict(self) -> dict:
+        return {"done": self.done}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.done = int(state["done"])
+
+
 class EarlyStopping:
     """Decides after every epoch, from the validation loss alone, whether to stop.
 
@@ -513,7 +547,9 @@ class EarlyStopping:
         self.losses = [float(v) for v in state["losses"]]
 
 
-def _make_schedule(config: TrainConfig) -> ConstantSchedule | PlateauSchedule | StagnationSchedule:
+def _make_schedule(config: TrainConfig) -> ConstantSchedule | PlateauSchedule | StagnationSchedule | CosineSchedule:
+    if config.schedule == "cosine":
+        return CosineSchedule(config.lr, config.max_epochs - config.warmup_epochs, config.min_lr)
     if config.schedule == "plateau":
         return PlateauSchedule(config.schedule_factor, config.schedule_patience, config.min_lr)
     if config.schedule == "stagnation":
@@ -827,6 +863,8 @@ def fit(
     }
     fingerprint["loss"] = loss_name
     fingerprint["validation"] = validation
+    if config.schedule == "cosine":  # the curve is stretched over max_epochs
+        fingerprint["max_epochs"] = config.max_epochs
     if validation == "split":
         fingerprint["val_fraction"] = config.val_fraction
     fingerprint["model"] = [[name, list(p.shape)] for name, p in model.named_parameters()]
