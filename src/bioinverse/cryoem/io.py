@@ -34,6 +34,7 @@ __all__ = [
     "Particles",
     "read_atoms",
     "read_map",
+    "read_map_origin",
     "read_particle_stack",
     "read_particles",
     "read_stack",
@@ -145,7 +146,8 @@ def read_map(path: str | os.PathLike) -> tuple[np.ndarray, float]:
     return data, float(sizes[0])
 
 
-def write_map(path: str | os.PathLike, data: np.ndarray, voxel_size: float) -> None:
+def write_map(path: str | os.PathLike, data: np.ndarray, voxel_size: float,
+              origin: tuple[float, float, float] | None = None) -> None:
     """Write a 3-D map as MRC (float32) with its voxel size in Å, atomically.
 
     Parameters
@@ -155,6 +157,9 @@ def write_map(path: str | os.PathLike, data: np.ndarray, voxel_size: float) -> N
     data : array_like, shape (z, y, x)
     voxel_size : float
         Å per voxel, written to the header (0 leaves it unset).
+    origin : (x, y, z) in Å, optional
+        Position of the first voxel's centre, written to the header's ``origin`` field (see
+        :func:`read_map_origin`); by default 0.
     """
     import mrcfile
 
@@ -164,6 +169,35 @@ def write_map(path: str | os.PathLike, data: np.ndarray, voxel_size: float) -> N
     with atomic_path(path) as tmp, mrcfile.new(tmp, overwrite=True) as mrc:
         mrc.set_data(data)
         mrc.voxel_size = voxel_size
+        if origin is not None:
+            mrc.header.origin = tuple(float(v) for v in origin)
+
+
+def read_map_origin(path: str | os.PathLike) -> tuple[float, float, float]:
+    """Position in Å (x, y, z) of the centre of a map's first voxel.
+
+    MRC2014 places a map in space in two ways: the ``origin`` field in Å, or the index of the first
+    column, row and section (``nxstart``, ``nystart``, ``nzstart``) in voxels. As UCSF Chimera and
+    ChimeraX do, a non-zero ``origin`` wins; otherwise the start indices times the voxel size.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "m.mrc"
+    >>> write_map(out, np.ones((4, 4, 4)), 1.5, origin=(-3.0, 0.0, 4.5))
+    >>> read_map_origin(out)
+    (-3.0, 0.0, 4.5)
+    """
+    path = Path(path)
+    with _open_mrc(path, header_only=True) as mrc:
+        header = mrc.header
+        origin = np.array([header.origin.x, header.origin.y, header.origin.z], dtype=np.float64)
+        start = np.array([header.nxstart, header.nystart, header.nzstart], dtype=np.float64)
+        voxel = np.array([mrc.voxel_size.x, mrc.voxel_size.y, mrc.voxel_size.z], dtype=np.float64)
+    if not np.isfinite(origin).all():
+        raise InputError(path, f"has a non-finite origin {origin.tolist()}")
+    position = origin if origin.any() else start * voxel
+    return tuple(float(v) for v in position)
 
 
 def read_stack(path: str | os.PathLike) -> tuple[np.ndarray, float]:
