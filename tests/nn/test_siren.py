@@ -87,3 +87,13 @@ def test_siren_fits_a_1d_signal():
         loss.backward()
         opt.step()
     assert (net(x) - y).square().mean().item() < 1e-3
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sine_layer_gradients_match_finite_differences(bias):
+    torch.manual_seed(0)
+    layer = SineLayer(3, 5, omega0=7.0, bias=bias).double()
+    x = torch.rand(6, 2, 3, dtype=torch.float64, requires_grad=True)  # leading dimensions are kept
+    params = (x, layer.linear.weight) + ((layer.linear.bias,) if bias else ())
+    assert torch.autograd.gradcheck(lambda *_: layer(x), params)
+    assert layer(x).shape == (6, 2, 5)
