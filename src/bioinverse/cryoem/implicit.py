@@ -551,6 +551,8 @@ def fit_map(values: np.ndarray, pixel_size: float, *, origin: tuple[float, ...] 
         "samples_per_epoch": int(coords.shape[0]),
         "seconds": sum(h["seconds"] for h in result.history),  # resumed runs included
         "final_train_loss": float(result.history[-1]["train_loss"]),
+        # Per epoch: seconds and the mean training loss (standardised units) during it.
+        "history": [[float(h["seconds"]), float(h["train_loss"])] for h in result.history],
     }
     return ImplicitMap(network, architecture, box=values.shape[0], dimensions=dimensions,
                        pixel_size=pixel_size, origin=origin, mean=mean, std=std, record=record)
