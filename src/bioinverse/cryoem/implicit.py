@@ -409,8 +409,8 @@ class ImplicitMap:
     def evaluate(self, reference: np.ndarray, pixel_size: float | None = None) -> FSCCurve:
         """FSC (3-D) or FRC (2-D) of the render at the reference's sampling against the reference.
 
-        ``pixel_size`` (Å) is the reference's; by default that of the fitted map, and the box must
-        then be the fitted box. A finer reference (an up-sampling test) gives its pixel size.
+        The render takes the reference's box and ``pixel_size`` (Å; by default the fitted map's), so a
+        finer reference (an up-sampling test) is compared at its own sampling, centre on centre.
         """
         reference = _check_grid(reference, "reference")
         if reference.ndim != self.dimensions:
