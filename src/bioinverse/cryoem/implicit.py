@@ -444,11 +444,10 @@ class ImplicitMap:
 
 def load_implicit(path: str | os.PathLike) -> ImplicitMap:
     """Read a representation written by :meth:`ImplicitMap.save`; ``InputError`` if it is not one."""
+    from bioinverse.cryoem.io import _check_file
+
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise InputError(path, "is empty")
+    _check_file(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (torch raises many types for a truncated or foreign file)

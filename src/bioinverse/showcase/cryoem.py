@@ -37,24 +37,28 @@ def _helical_bundle():
     return Atoms(np.array(positions), elements, name="helical bundle")
 
 
+def demo_protein():
+    """Adenylate kinase and a description of it, or the helical bundle when it cannot be fetched."""
+    from bioinverse.cryoem.io import read_atoms
+    from bioinverse.cryoem.structures import fetch_structure
+    from bioinverse.errors import InputError
+
+    try:
+        return read_atoms(fetch_structure("adk_open")), "adenylate kinase (adk_open, MDAnalysisTests)"
+    except (InputError, OSError) as exc:  # offline: the demo still runs, on a stand-in
+        return _helical_bundle(), f"a synthetic four-helix bundle (adk_open could not be fetched: {exc})"
+
+
 @register_demo("cryoem", "Cryo-EM: particles from a real protein, gold-standard MAP-EM refinement")
 def demo(workdir: Path, section: Section) -> None:
     from bioinverse.cryoem.density import atoms_to_map
     from bioinverse.cryoem.figures import angular_error_figure, fsc_figure, slices_figure
-    from bioinverse.cryoem.io import read_atoms
     from bioinverse.cryoem.refine import RefineConfig, reconstruct_with_poses, refine, soft_sphere_mask
     from bioinverse.cryoem.rotations import angular_distance, euler_to_matrix
     from bioinverse.cryoem.simulate import simulate_particles
-    from bioinverse.cryoem.structures import fetch_structure
-    from bioinverse.errors import InputError
     from bioinverse.fourier import fsc
 
-    try:
-        atoms = read_atoms(fetch_structure("adk_open"))
-        source = "adenylate kinase (adk_open, MDAnalysisTests)"
-    except (InputError, OSError) as exc:  # offline: the demo still runs, on a stand-in
-        atoms = _helical_bundle()
-        source = f"a synthetic four-helix bundle (adk_open could not be fetched: {exc})"
+    atoms, source = demo_protein()
     truth_map = atoms_to_map(atoms, BOX, PIXEL_SIZE)
     sim = simulate_particles(truth_map, PIXEL_SIZE, N_PARTICLES, SNR, seed=0)
     ctf = sim.particles.ctf_parameters()._asdict()

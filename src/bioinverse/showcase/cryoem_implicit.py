@@ -22,17 +22,9 @@ def demo(workdir: Path, section: Section) -> None:
     from bioinverse.cryoem.density import atoms_to_map
     from bioinverse.cryoem.figures import fsc_figure, slices_figure
     from bioinverse.cryoem.implicit import FitSettings, fit_map
-    from bioinverse.cryoem.io import read_atoms
-    from bioinverse.cryoem.structures import fetch_structure
-    from bioinverse.errors import InputError
-    from bioinverse.showcase.cryoem import _helical_bundle
+    from bioinverse.showcase.cryoem import demo_protein
 
-    try:
-        atoms = read_atoms(fetch_structure("adk_open"))
-        source = "adenylate kinase (adk_open, MDAnalysisTests)"
-    except (InputError, OSError) as exc:  # offline: the demo still runs, on a stand-in
-        atoms = _helical_bundle()
-        source = f"a synthetic four-helix bundle (adk_open could not be fetched: {exc})"
+    atoms, source = demo_protein()
     volume = atoms_to_map(atoms, BOX, PIXEL_SIZE)
     fine_truth = atoms_to_map(atoms, 2 * BOX, PIXEL_SIZE / 2)
     model = fit_map(volume, PIXEL_SIZE, settings=FitSettings(steps=STEPS))
