@@ -199,3 +199,16 @@ def test_importance_sampling_draws_the_requested_share_from_the_molecule():
     assert extra / targets.size == pytest.approx(0.5, abs=0.02)
     uniform_coords, _ = implicit._training_set(volume, 1.0, FitSettings())
     assert uniform_coords.shape == (16 ** 3, 3)
+
+
+def test_evaluate_puts_the_fsc_on_an_angstrom_axis_at_the_reference_sampling(small_model):
+    # The fitted map: 12 voxels of 1.5 Å. Against itself, shell s lies at s / (12 · 1.5) Å⁻¹ and the
+    # last shell at Nyquist, 3 Å; against a 24³ reference of 0.75 Å, the render is made at 0.75 Å and
+    # the last shell is 1.5 Å.
+    same = small_model.evaluate(small_model.render())
+    assert same.frequency[1] == pytest.approx(1 / 18.0) and 1 / same.frequency[-1] == pytest.approx(3.0)
+    assert same.resolution(0.5) == pytest.approx(3.0)  # a map against itself: FSC 1 up to Nyquist
+    fine = small_model.evaluate(small_model.render(pixel_size=0.75), pixel_size=0.75)
+    assert len(fine) == 13 and 1 / fine.frequency[-1] == pytest.approx(1.5)
+    with pytest.raises(InputError, match="2-D"):
+        small_model.evaluate(np.zeros((12, 12)))
