@@ -462,6 +462,9 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert_user_error(code, err, "kind", "siren, fourier")
     code, _, err = run(["cryoem", "implicit", "fit", map_path, "--out", tmp_path / "x.pt", "--slice", "w"], capsys)
     assert_user_error(code, err, "slice")
+    code, _, err = run(["cryoem", "implicit", "fit", map_path, "--out", tmp_path / "x.pt", "--device", "gpu9"],
+                       capsys)
+    assert_user_error(code, err, "device", "gpu9")
     code, _, err = run(["cryoem", "implicit", "fit", tmp_path / "none.mrc", "--out", tmp_path / "x.pt"], capsys)
     assert_user_error(code, err, "none.mrc", "no such file")
     code, _, err = run(["cryoem", "implicit", "render", map_path, "--out", tmp_path / "r.mrc"], capsys)

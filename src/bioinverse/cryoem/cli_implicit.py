@@ -64,6 +64,7 @@ def fit_command(
                                                                           "MRC header.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the initial weights and the sample order.")] = 0,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write the FSC (FRC) curve as a PNG.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto (CUDA when available), cpu, cuda, cuda:1, …")] = "auto",
 ) -> None:
     """Fit a coordinate network to a map (or its central slice) and write it to OUT."""
     from bioinverse.cryoem.cli import _positive
@@ -92,7 +93,7 @@ def fit_command(
                f"{volume.size / n_parameters:.1f}")
     checkpoint = out.with_name(out.name + ".ckpt")
     model = fit_map(volume, voxel, origin=origin, architecture=architecture, settings=settings,
-                    checkpoint=checkpoint, progress=True)
+                    checkpoint=checkpoint, progress=True, device=device)
     model.save(out)
     checkpoint.unlink(missing_ok=True)
     curve = model.evaluate(volume)

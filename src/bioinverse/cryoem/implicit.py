@@ -494,7 +494,7 @@ def _training_set(values: np.ndarray, pixel_size: float, settings: FitSettings) 
 def fit_map(values: np.ndarray, pixel_size: float, *, origin: tuple[float, ...] | None = None,
             architecture: Architecture | None = None, settings: FitSettings | None = None,
             checkpoint: str | os.PathLike | None = None, progress: bool = False,
-            device: str = "cpu") -> ImplicitMap:
+            device: str = "auto") -> ImplicitMap:
     """Fit a coordinate network to a cubic map or a square image.
 
     Parameters
@@ -513,7 +513,8 @@ def fit_map(values: np.ndarray, pixel_size: float, *, origin: tuple[float, ...] 
     progress : bool
         Show a progress bar.
     device : str
-        Torch device of the fit; the result is returned on the CPU.
+        Torch device of the fit: ``"auto"`` (CUDA when available, else CPU) or a device string; the
+        result is returned on the CPU.
 
     Returns
     -------
