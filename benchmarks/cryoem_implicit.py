@@ -66,15 +66,14 @@ def _maps():
             atoms_to_map(atoms, FINE_BOX, FINE_PIXEL_SIZE).astype(np.float32))
 
 
-def _fit(volume, width, steps, lr=LR, kind="siren", supersample=1, n_features=FF_FEATURES, scale=FF_SCALE,
-         hidden_layers=LAYERS, batch=BATCH, first_omega0=30.0, pixel_size=PIXEL_SIZE):
+def _fit(volume, width, steps, lr=LR, kind="siren", supersample=1):
     from bioinverse.cryoem.implicit import Architecture, FitSettings, fit_map
 
-    architecture = Architecture(kind=kind, hidden_features=width, hidden_layers=hidden_layers,
-                                n_features=n_features, scale=scale, first_omega0=first_omega0)
-    settings = FitSettings(steps=steps, batch_size=batch, lr=lr, supersample=supersample)
+    architecture = Architecture(kind=kind, hidden_features=width, hidden_layers=LAYERS,
+                                n_features=FF_FEATURES, scale=FF_SCALE)
+    settings = FitSettings(steps=steps, batch_size=BATCH, lr=lr, supersample=supersample)
     start = time.perf_counter()
-    model = fit_map(volume, pixel_size, architecture=architecture, settings=settings)
+    model = fit_map(volume, PIXEL_SIZE, architecture=architecture, settings=settings)
     return model, time.perf_counter() - start
 
 

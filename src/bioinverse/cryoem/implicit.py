@@ -66,6 +66,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bioinverse._checks import positive_number, real_finite_array
 from bioinverse.errors import InputError
 from bioinverse.fourier import FSCCurve, frc, fsc
 from bioinverse.io import atomic_path
@@ -206,18 +207,14 @@ class FitSettings:
 
 
 def _check_grid(volume: np.ndarray, what: str) -> np.ndarray:
-    a = np.asarray(volume)
+    a = real_finite_array(volume, what)
     if a.ndim not in (2, 3):
         raise InputError(what, f"must be a 2-D image or a 3-D map, got shape {a.shape}")
     if len(set(a.shape)) != 1:
         raise InputError(what, f"must be a square image or a cubic map, got shape {a.shape}")
     if a.shape[0] < 2:
         raise InputError(what, f"is too small: {a.shape}")
-    if not np.issubdtype(a.dtype, np.number) or np.iscomplexobj(a):
-        raise InputError(what, f"must hold real numbers, got {a.dtype}")
-    if not np.isfinite(a).all():
-        raise InputError(what, "contains NaN or Inf")
-    return a.astype(np.float32, copy=False)
+    return a.astype(np.float32)
 
 
 def grid_coordinates(box: int, dimensions: int, extent: float, pixel_size: float,
@@ -384,9 +381,7 @@ class ImplicitMap:
         -------
         ndarray, shape (box,) * dimensions, float32, in the units of the fitted map.
         """
-        pixel_size = self.pixel_size if pixel_size is None else float(pixel_size)
-        if not (math.isfinite(pixel_size) and pixel_size > 0):
-            raise InputError("pixel_size", f"must be a positive number, got {pixel_size!r}")
+        pixel_size = self.pixel_size if pixel_size is None else positive_number(pixel_size, "pixel_size", unit="Å")
         if box is None:
             box = max(1, round(self.box * self.pixel_size / pixel_size))
         if isinstance(box, bool) or not isinstance(box, int) or box < 1:
@@ -478,7 +473,7 @@ def _training_set(values: np.ndarray, pixel_size: float, settings: FitSettings) 
     """Coordinates and standardised targets of every training sample (before shuffling)."""
     box, dimensions = values.shape[0], values.ndim
     extent = box * pixel_size / 2
-    fine = band_limited_upsample(values, settings.supersample).astype(np.float32)
+    fine = values if settings.supersample == 1 else band_limited_upsample(values, settings.supersample).astype(np.float32)
     coords = grid_coordinates(box * settings.supersample, dimensions, extent, pixel_size / settings.supersample)
     targets = fine.reshape(-1)
     if settings.importance > 0:
@@ -521,8 +516,7 @@ def fit_map(values: np.ndarray, pixel_size: float, *, origin: tuple[float, ...] 
     ImplicitMap
     """
     values = _check_grid(values, "map")
-    if not (math.isfinite(pixel_size) and pixel_size > 0):
-        raise InputError("pixel_size", f"must be a positive number, got {pixel_size!r}")
+    pixel_size = positive_number(pixel_size, "pixel_size", unit="Å")
     architecture = Architecture() if architecture is None else architecture
     settings = FitSettings() if settings is None else settings
     dimensions = values.ndim
