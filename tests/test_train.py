@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from bioinverse.errors import InputError
 from bioinverse.train import (
     EarlyStopping,
     PlateauSchedule,
@@ -488,3 +489,27 @@ def test_cosine_schedule_runs_half_a_cosine_after_warmup_and_fixes_max_epochs(tm
     fit(mlp(seed=0), X, y, dataclasses.replace(cfg, checkpoint=ckpt, max_epochs=3))
     with pytest.raises(ValueError, match="max_epochs"):
         fit(mlp(seed=0), X, y, dataclasses.replace(cfg, checkpoint=ckpt, max_epochs=6))
+
+
+def _noisy_inputs(x, y, generator):
+    """An augmentation: input noise drawn from the trainer's generator."""
+    return x + 0.1 * torch.randn(x.shape, generator=generator), y
+
+
+def test_augmentation_applies_to_training_batches_and_resumes_exactly(tmp_path):
+    X, y = regression()
+    cfg = dict(optimizer="adam", early_stopping="patience", patience=50, restore_best=False)
+    full = mlp(seed=1)
+    ref = fit(full, X, y, config(max_epochs=6, **cfg), augment=_noisy_inputs)
+    plain = mlp(seed=1)
+    unaugmented = fit(plain, X, y, config(max_epochs=6, **cfg))
+    assert losses(ref.history) != losses(unaugmented.history)  # the augmentation was applied
+    ckpt = tmp_path / "run.pt"
+    fit(mlp(seed=1), X, y, config(max_epochs=3, checkpoint=ckpt, **cfg), augment=_noisy_inputs)
+    disturb_global_rngs()
+    model = mlp(seed=2)
+    resumed = fit(model, X, y, config(max_epochs=6, checkpoint=ckpt, **cfg), augment=_noisy_inputs)
+    assert losses(resumed.history) == losses(ref.history)
+    assert_same_weights(model, full)
+    with pytest.raises(InputError, match="augment"):  # a checkpoint of another augmentation is not resumed
+        fit(mlp(seed=1), X, y, config(max_epochs=7, checkpoint=ckpt, **cfg))

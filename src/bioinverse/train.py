@@ -712,7 +712,8 @@ def _load_checkpoint(path: Path, fingerprint: dict) -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != _CHECKPOINT_FORMAT:
         raise InputError(path, f"is not a {_CHECKPOINT_FORMAT} checkpoint")
     saved = ckpt["fingerprint"]
-    for key, value in fingerprint.items():
+    for key in dict.fromkeys([*fingerprint, *saved]):  # a setting only one of the two runs has differs too
+        value = fingerprint.get(key)
         if saved.get(key) != value:
             if key == "data":
                 what = "was trained on different data than these"
@@ -755,6 +756,8 @@ def fit(
     y_val: Any = None,
     loss: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     resume: bool = True,
+    augment: Callable[[torch.Tensor, torch.Tensor, torch.Generator],
+                      tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on ``(X, y)``.
 
@@ -780,6 +783,11 @@ def fit(
     resume : bool
         Continue from ``config.checkpoint`` when that file exists; ``False`` starts over and
         overwrites it.
+    augment : callable, optional
+        ``augment(x_batch, y_batch, generator) -> (x_batch, y_batch)``, applied to every training
+        minibatch (never to validation data). It must draw its random numbers from ``generator``,
+        the trainer's data-order generator, so that a resumed run stays identical to an
+        uninterrupted one. Recorded in checkpoints by its qualified name.
 
     Returns
     -------
@@ -868,6 +876,8 @@ def fit(
     if validation == "split":
         fingerprint["val_fraction"] = config.val_fraction
     fingerprint["model"] = [[name, list(p.shape)] for name, p in model.named_parameters()]
+    if augment is not None:
+        fingerprint["augment"] = getattr(augment, "__qualname__", repr(augment))
     if checkpoint is not None:  # hashing the data costs a pass over them; only resuming needs it
         tensors = [Xt, yt] + ([Xv, yv] if Xv is not None else [])
         fingerprint["data"] = _digest(*tensors)
@@ -964,6 +974,8 @@ def fit(
                 for start in range(0, n_train, config.batch_size):
                     idx = order[start:start + config.batch_size]
                     xb, yb = Xt[idx], yt[idx]
+                    if augment is not None:
+                        xb, yb = augment(xb, yb, order_gen)
                     optimizer.zero_grad(set_to_none=True)
                     batch_loss = loss_fn(model(xb), yb)
                     if batch_loss.ndim != 0:
