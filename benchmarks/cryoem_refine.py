@@ -93,10 +93,10 @@ def _load_average() -> float:
 
 
 def _particle_diameter(atoms) -> float:
-    """Å: the model's diameter about its centre plus 4 Å, rounded up to 5 Å, inside the box less the edge."""
-    radius = float(np.linalg.norm(atoms.positions - atoms.positions.mean(0), axis=1).max())
-    diameter = 5.0 * math.ceil((2.0 * radius + 4.0) / 5.0)
-    return min(diameter, BOX * PIXEL_SIZE - 2 * MASK_EDGE_PX * PIXEL_SIZE)
+    """Å: the model's diameter plus 4 Å, rounded up to 5 Å, inside the box less the mask edge."""
+    from bioinverse.cryoem.density import particle_diameter
+
+    return particle_diameter(atoms, BOX * PIXEL_SIZE - 2 * MASK_EDGE_PX * PIXEL_SIZE)
 
 
 def _symmetry_rotations(path: Path) -> np.ndarray:

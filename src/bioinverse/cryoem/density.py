@@ -17,7 +17,7 @@ from bioinverse._checks import positive_number
 from bioinverse.cryoem.io import Atoms
 from bioinverse.errors import InputError
 
-__all__ = ["CUTOFF", "MIN_SIGMA_PIXELS", "antialias_blur", "atoms_to_map"]
+__all__ = ["CUTOFF", "MIN_SIGMA_PIXELS", "antialias_blur", "atoms_to_map", "particle_diameter"]
 
 #: Smallest standard deviation, in pixels, of any Gaussian put on the grid when ``antialias`` is on.
 MIN_SIGMA_PIXELS = 0.7
@@ -63,6 +63,22 @@ def _check_atoms(atoms) -> Atoms:
     if not isinstance(atoms, Atoms):
         raise InputError("atoms", f"must be an Atoms (see bioinverse.cryoem.io.read_atoms), got {type(atoms).__name__}")
     return atoms
+
+
+def particle_diameter(atoms: Atoms, largest: float | None = None) -> float:
+    """Å: the model's diameter about its centroid plus 4 Å, rounded up to 5 Å, at most ``largest``.
+
+    The diameter of a solvent mask or of RELION's ``--particle_diameter`` for a simulated particle.
+
+    Examples
+    --------
+    >>> particle_diameter(Atoms([[0.0, 0.0, 0.0], [20.0, 0.0, 0.0]], ["C", "C"]))
+    25.0
+    """
+    atoms = _check_atoms(atoms)
+    radius = float(np.linalg.norm(atoms.positions - atoms.positions.mean(0), axis=1).max())
+    diameter = 5.0 * math.ceil((2.0 * radius + 4.0) / 5.0)
+    return diameter if largest is None else min(diameter, float(largest))
 
 
 def antialias_blur(atoms: Atoms, pixel_size: float, bfactor: float = 0.0, use_atom_bfactors: bool = False) -> float:

@@ -389,6 +389,40 @@ class FourierProjector:
             raise InputError("ft3d_estimate", "contains NaN or Inf")
         return self._ifft_crop(ft).cpu().numpy().astype(np.float32, copy=False)
 
+    def reconstruction_spectrum(self, volume) -> torch.Tensor:
+        """The padded centred spectrum whose :meth:`reconstruct` is ``volume``: its right inverse.
+
+        .. math:: V = \\operatorname{FFT}_P\\big[\\operatorname{pad}_P(m \\cdot g)\\big],
+
+        so that ``reconstruct(reconstruction_spectrum(m)) == m`` to round-off. A map computed in
+        real space (a denoiser's output, seed 002 eq. 17) enters a Fourier-space update on the same
+        footing as the accumulators B / K through it.
+
+        Parameters
+        ----------
+        volume : ndarray or torch.Tensor, shape (N, N, N)
+
+        Returns
+        -------
+        torch.Tensor, shape (P, P, P), complex64
+
+        Examples
+        --------
+        >>> proj = FourierProjector(8)
+        >>> m = np.random.default_rng(0).normal(size=(8, 8, 8)).astype(np.float32)
+        >>> bool(np.allclose(proj.reconstruct(proj.reconstruction_spectrum(m)), m, atol=1e-5))
+        True
+        """
+        N, P = self.box, self.padded_box
+        device = volume.device if isinstance(volume, torch.Tensor) else torch.device("cpu")
+        vol = _real_tensor(volume, "volume", device, torch.float32)
+        if tuple(vol.shape) != (N, N, N):
+            raise InputError("volume", f"must have shape ({N}, {N}, {N}), got {tuple(vol.shape)}")
+        padded = torch.zeros((P, P, P), dtype=torch.float32, device=device)
+        lo = P // 2 - N // 2
+        padded[lo : lo + N, lo : lo + N, lo : lo + N] = vol * self._gridding(device)
+        return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(padded))).to(torch.complex64)
+
     # ------------------------------------------------------------------------------------------
     # slice operator and its adjoint
     # ------------------------------------------------------------------------------------------

@@ -13,8 +13,11 @@ Each iteration, for each half :math:`h`:
    .. math:: \tau_h^2 = \frac{1}{\bar K_h}\,\frac{\mathrm{FSC}}{1 - \mathrm{FSC}},
 
    with :math:`\bar K_h` the average of :math:`K_h` over the Fourier shell;
-4. **Wiener update** (eq. 11): :math:`x_h = B_h / (K_h + \tau_h^{-2})`, a map after the inverse transform
-   and gridding correction, then flattened outside a soft spherical solvent mask of the particle diameter.
+4. **M-step update**: with the Gaussian prior the Wiener filter (eq. 11) :math:`x_h = B_h / (K_h + \tau_h^{-2})`;
+   with RED or CW-RED (:mod:`bioinverse.cryoem.priors`) eq. 17, which adds :math:`\lambda\tau_h^{-2}` times the
+   denoised unregularised map :math:`f(B_h / K_h)` to the numerator, λ fixed (RED) or set by the nominal
+   resolution of the iteration (CW-RED). A map after the inverse transform and gridding correction, then
+   flattened outside a soft spherical solvent mask of the particle diameter.
 
 The noise power per Fourier shell is re-estimated every iteration from the residuals at the particles'
 most probable poses (RELION uses the posterior-weighted residuals; at the end of a refinement the posteriors
@@ -48,6 +51,14 @@ import torch
 
 from bioinverse.cryoem.ctf import ctf as ctf_values
 from bioinverse.cryoem.em import Band, global_search, hermitian_sum, local_search
+from bioinverse.cryoem.priors import (
+    GAUSSIAN,
+    Prior,
+    nominal_resolution,
+    regularised_spectrum,
+    resolution_shell,
+    unregularised_spectrum,
+)
 from bioinverse.cryoem.projection import FourierProjector, half_plane_pixels
 from bioinverse.cryoem.rotations import euler_to_matrix
 from bioinverse.cryoem.sampling import angular_step, local_orientations, orientation_grid, translation_grid
@@ -90,6 +101,8 @@ class RefineConfig:
         Å; width of the solvent mask's cosine edge.
     seed : int
         Seed of the random half-set split.
+    prior : Prior
+        The M-step's prior: Gaussian (RELION's), RED or CW-RED (:class:`bioinverse.cryoem.priors.Prior`).
     """
 
     particle_diameter: float | None = None
@@ -105,6 +118,7 @@ class RefineConfig:
     padding: int = 2
     mask_edge: float = 6.0
     seed: int = 0
+    prior: Prior = GAUSSIAN
 
     def __post_init__(self) -> None:
         if self.particle_diameter is not None and self.particle_diameter <= 0:
@@ -115,6 +129,8 @@ class RefineConfig:
             raise InputError("config", "initial_resolution and offset_step must be positive, offset_range ≥ 0")
         if not 0 < self.adaptive_fraction <= 1:
             raise InputError("adaptive_fraction", f"must be in (0, 1], got {self.adaptive_fraction}")
+        if not isinstance(self.prior, Prior):
+            raise InputError("prior", f"must be a Prior, got {type(self.prior).__name__}")
 
 
 @dataclass
@@ -203,20 +219,42 @@ def _fourier_fsc(a: torch.Tensor, b: torch.Tensor, shells: torch.Tensor, n_shell
     return torch.where(denom > 0, cross / torch.where(denom > 0, denom, 1.0), 0.0).numpy()
 
 
-def _resolution_shell(fsc: np.ndarray, threshold: float = 0.143) -> float:
-    """Fractional shell where the FSC first falls below ``threshold`` (linear interpolation)."""
-    below = np.nonzero(fsc[1:] < threshold)[0]
-    if below.size == 0:
-        return float(len(fsc) - 1)
-    s = below[0] + 1
-    f0, f1 = fsc[s - 1], fsc[s]
-    return float(s - 1 + (f0 - threshold) / (f0 - f1)) if f0 != f1 else float(s)
+
+
+def _tau2_grid(tau2_shell, shells) -> torch.Tensor:
+    """τ² per voxel of the padded grid from τ² per shell (0 beyond the last shell)."""
+    return torch.as_tensor(np.append(tau2_shell, 0.0), dtype=torch.float32)[shells]
 
 
 def _wiener(numerator, denominator, tau2_shell, shells) -> torch.Tensor:
     """Eq. 11, x = B / (K + 1/τ²) = B τ² / (K τ² + 1); τ² = 0 (no signal) gives 0."""
-    tau2 = torch.as_tensor(np.append(tau2_shell, 0.0), dtype=torch.float32)[shells]
-    return numerator * (tau2 / (denominator * tau2 + 1.0))
+    return regularised_spectrum(numerator, denominator, _tau2_grid(tau2_shell, shells))
+
+
+@dataclass
+class _Regulariser:
+    """The M-step's prior in one refinement: the prior, its denoiser, an observer of the unregularised maps."""
+
+    prior: Prior = GAUSSIAN
+    denoiser: object = None
+    observer: object = None
+
+    def maps(self, numerators, denominators, tau2, projector, shells, n_shells, resolution, context):
+        """The regularised maps (eq. 11 or 17), one per accumulator pair, and the λ used."""
+        weight = self.prior.weight(resolution)
+        maps = []
+        for i, (b, k, t) in enumerate(zip(numerators, denominators, tau2)):
+            denoised = None
+            if weight > 0 or self.observer is not None:
+                unregularised = projector.reconstruct(unregularised_spectrum(b, k, shells, n_shells))
+                if self.observer is not None:
+                    self.observer({**context, "half": i + 1 if len(numerators) == 2 else 0,
+                                   "map": unregularised, "resolution_A": resolution})
+                if weight > 0:
+                    denoised = projector.reconstruction_spectrum(self.denoiser(unregularised))
+            spectrum = regularised_spectrum(b, k, _tau2_grid(t, shells), denoised, weight)
+            maps.append(np.asarray(projector.reconstruct(spectrum)))
+        return maps, weight
 
 
 def _shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> np.ndarray:
@@ -236,8 +274,11 @@ def _tau2(fsc: np.ndarray, denominator: torch.Tensor, shells: torch.Tensor, n_sh
     return tau2
 
 
-def _fingerprint(images: np.ndarray, angles_in: np.ndarray, reference: np.ndarray, config: RefineConfig) -> str:
+def _fingerprint(images: np.ndarray, angles_in: np.ndarray, reference: np.ndarray, config: RefineConfig,
+                 denoiser=None) -> str:
     h = hashlib.sha256()
+    if denoiser is not None and config.prior.needs_denoiser:
+        h.update(str(denoiser.digest() if hasattr(denoiser, "digest") else id(denoiser)).encode())
     for a in (images[: min(len(images), 64)], angles_in, reference):
         h.update(np.ascontiguousarray(a, dtype=np.float32).tobytes())
     h.update(str(images.shape).encode())
@@ -258,6 +299,8 @@ def refine(
     checkpoint: str | Path | None = None,
     progress: bool = False,
     log=None,
+    denoiser=None,
+    observer=None,
 ) -> RefineResult:
     """Refine a map from particle images by gold-standard MAP-EM.
 
@@ -283,6 +326,13 @@ def refine(
         Show a progress bar on stderr.
     log : callable, optional
         Receives one line of text per iteration.
+    denoiser : callable, optional
+        The denoiser of RED and CW-RED (a :class:`bioinverse.cryoem.denoiser.MapDenoiser`; the shipped one
+        by default); unused with the Gaussian prior.
+    observer : callable, optional
+        Receives, every iteration, a dict per half set with the unregularised map B / K (``map``), its
+        ``half`` (0 for the final map from both), ``iteration``, the half-map ``fsc`` and ``resolution_A``:
+        the training data of a denoiser.
 
     Returns
     -------
@@ -329,7 +379,14 @@ def refine(
     sigma2 = np.bincount(image_shells, weights=power, minlength=n_shells) / np.maximum(
         np.bincount(image_shells, minlength=n_shells), 1)
 
-    fingerprint = _fingerprint(images, shifts, reference, config)
+    if config.prior.needs_denoiser and denoiser is None:
+        from bioinverse.cryoem.denoiser import load_denoiser
+
+        denoiser = load_denoiser()
+    if config.prior.needs_denoiser and hasattr(denoiser, "check_map"):
+        denoiser.check_map(reference, pixel_size, "reference")
+    regulariser = _Regulariser(config.prior, denoiser, observer)
+    fingerprint = _fingerprint(images, shifts, reference, config, denoiser)
     maps = np.stack([reference * mask, reference * mask])
     # The prior's first τ²: the power of the initial reference in each shell (RELION's initialisation).
     reference_power = _shell_mean(projector.transform(maps[0]).abs().square(), grid_shells, n_shells)
@@ -424,12 +481,13 @@ def refine(
         inside = noise_count > 0
         sigma2 = np.where(inside, noise_power / np.maximum(noise_count, 1), sigma2)
 
-        halves, fsc, state["tau2"], accumulators = _gold_standard_update(
+        halves, fsc, state["tau2"], accumulators, prior_weight = _gold_standard_update(
             [results[h].numerator for h in (1, 2)], [results[h].denominator for h in (1, 2)], projector,
-            grid_shells, n_shells, band_radius, mask, pixel_size, state["tau2"])
+            grid_shells, n_shells, band_radius, mask, pixel_size, state["tau2"], regulariser,
+            {"iteration": iteration})
         maps = np.stack([m * mask for m in halves])
 
-        shell = _resolution_shell(fsc)
+        shell = resolution_shell(fsc)
         gain = shell - state["best_shell"]
         resolution = box * pixel_size / shell if shell > 0 else math.inf
         record = {"iteration": iteration, "resolution_A": resolution, "band_shells": band_radius,
@@ -437,7 +495,7 @@ def refine(
                   "angular_step_deg": angular_step(order), "offset_step_px": state["offset_step"],
                   "mean_angle_change_deg": changes, "mean_significant_poses": float(np.mean(np.concatenate(
                       [results[h].significant for h in (1, 2)]))),
-                  "mean_max_probability": float(max_probability.mean())}
+                  "mean_max_probability": float(max_probability.mean()), "prior_weight": prior_weight}
         state["history"].append(record)
         if log is not None:
             log(f"iteration {iteration}: {resolution:.2f} Å, {record['search']} search at "
@@ -467,8 +525,8 @@ def refine(
 
     if accumulators is None:
         raise InputError("max_iterations", "must be at least 1")
-    final_map = _final_map(accumulators, fsc, projector, grid_shells, n_shells) * mask
-    shell = _resolution_shell(fsc)
+    final_map = _final_map(accumulators, fsc, projector, grid_shells, n_shells, pixel_size, regulariser) * mask
+    shell = resolution_shell(fsc)
     return RefineResult(half_maps=np.stack(maps), final_map=final_map, fsc=fsc,
                         resolution=box * pixel_size / shell if shell > 0 else math.inf,
                         angles=state["angles"], shifts=shifts, half=half, max_probability=max_probability,
@@ -476,16 +534,19 @@ def refine(
 
 
 def _gold_standard_update(numerators, denominators, projector, grid_shells, n_shells, band_radius, mask,
-                          pixel_size, tau2_previous=None):
-    """Steps 3–4 of the module docstring: FSC of the two halves, τ² (eq. 12), Wiener maps (eq. 11).
+                          pixel_size, tau2_previous=None, regulariser=None, context=None):
+    """Steps 3–4 of the module docstring: FSC of the two halves, τ² (eq. 12), regularised maps (eq. 11 or 17).
 
     The FSC is that of the half maps regularised with the previous τ², inside the solvent mask (a map
     divided by K alone is dominated by the noise of its least-sampled voxels near the CTF zeros and
     underestimates the resolution). Without a previous τ² (a reconstruction from known poses) the first
     τ² comes from the FSC of the unregularised ratios B / K.
 
-    Returns the two half maps (unmasked), the FSC per shell, the two τ² per shell and the summed
-    accumulators (B₁ + B₂, K₁ + K₂).
+    The FSC, and so the nominal resolution, never sees the denoiser of RED: the halves it compares are
+    Wiener maps, as RELION's FSC compares unregularised halves.
+
+    Returns the two half maps (unmasked), the FSC per shell, the two τ² per shell, the summed
+    accumulators (B₁ + B₂, K₁ + K₂) and the prior's λ.
     """
     numerators = [hermitian_sum(b) for b in numerators]
     denominators = [hermitian_sum(k) for k in denominators]
@@ -498,17 +559,27 @@ def _gold_standard_update(numerators, denominators, projector, grid_shells, n_sh
     fsc = fsc_curve(halves[0] * mask, halves[1] * mask, pixel_size).values.copy()
     fsc[int(np.floor(band_radius)) + 1:] = 0.0
     tau2 = [_tau2(fsc, k, grid_shells, n_shells) for k in denominators]
-    halves = [np.asarray(projector.reconstruct(_wiener(b, k, t, grid_shells)))
-              for b, k, t in zip(numerators, denominators, tau2)]
-    return halves, fsc, tau2, (numerators[0] + numerators[1], denominators[0] + denominators[1])
+    regulariser = regulariser or _Regulariser()
+    halves, weight = regulariser.maps(numerators, denominators, tau2, projector, grid_shells, n_shells,
+                                      _resolution_of(fsc, projector.box, pixel_size), {**(context or {}), "fsc": fsc})
+    return halves, fsc, tau2, (numerators[0] + numerators[1], denominators[0] + denominators[1]), weight
 
 
-def _final_map(accumulators, fsc, projector, grid_shells, n_shells) -> np.ndarray:
-    """Reconstruction from both halves, regularised with the full-set FSC 2·FSC / (1 + FSC)."""
+def _resolution_of(fsc: np.ndarray, box: int, pixel_size: float) -> float:
+    """Å at the FSC's 0.143 crossing (infinite when the first shell already falls below)."""
+    return nominal_resolution(fsc, box, pixel_size)
+
+
+def _final_map(accumulators, fsc, projector, grid_shells, n_shells, pixel_size, regulariser=None) -> np.ndarray:
+    """Reconstruction from both halves, regularised with the full-set FSC 2·FSC / (1 + FSC), and the
+    prior's λ at the half-map resolution."""
     numerator, denominator = accumulators
     full_fsc = np.where(fsc > 0, 2 * fsc / (1 + fsc), 0.0)
-    estimate = _wiener(numerator, denominator, _tau2(full_fsc, denominator, grid_shells, n_shells), grid_shells)
-    return np.asarray(projector.reconstruct(estimate))
+    tau2 = _tau2(full_fsc, denominator, grid_shells, n_shells)
+    maps, _ = (regulariser or _Regulariser()).maps(
+        [numerator], [denominator], [tau2], projector, grid_shells, n_shells,
+        _resolution_of(fsc, projector.box, pixel_size), {"final": True, "fsc": fsc})
+    return maps[0]
 
 
 def reconstruct_with_poses(
@@ -590,9 +661,9 @@ def reconstruct_with_poses(
         numerators.append(step.numerator)
         denominators.append(step.denominator)
     mask = soft_sphere_mask(box, 0.45 * box, 0.05 * box)
-    halves, fsc, _, accumulators = _gold_standard_update(numerators, denominators, projector, grid_shells,
-                                                         n_shells, box // 2, mask, pixel_size)
-    return np.stack(halves), _final_map(accumulators, fsc, projector, grid_shells, n_shells), fsc
+    halves, fsc, _, accumulators, _ = _gold_standard_update(numerators, denominators, projector, grid_shells,
+                                                            n_shells, box // 2, mask, pixel_size)
+    return np.stack(halves), _final_map(accumulators, fsc, projector, grid_shells, n_shells, pixel_size), fsc
 
 
 def _candidates(order: int, angles: np.ndarray, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
