@@ -1,4 +1,5 @@
-"""``bioinverse cryoem …`` commands: ``density``, ``simulate``, ``refine``, ``fsc`` and ``implicit``.
+"""``bioinverse cryoem …`` commands: ``density``, ``simulate``, ``refine``, ``fsc``, ``implicit``,
+``relion-external`` and ``train-denoiser``.
 
 Lengths are Å, angles degrees, defocus µm on the command line (Å in STAR files). Every file is written
 atomically; a user error prints one line, ``error: <file or option>: <what is wrong>``, and exits with
@@ -12,6 +13,8 @@ status 2.
 - ``fsc``: Fourier shell correlation of half maps, optionally masked, and of a map against a reference.
 - ``implicit fit`` / ``implicit render``: neural implicit representations of maps
   (:mod:`bioinverse.cryoem.cli_implicit`).
+- ``relion-external`` / ``train-denoiser``: the learned prior of RED, inside RELION and trained
+  (:mod:`bioinverse.cryoem.cli_red`).
 """
 
 from __future__ import annotations
@@ -21,6 +24,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
+from bioinverse.cryoem.cli_red import (
+    DenoiserOption,
+    HighOption,
+    LowOption,
+    PriorOption,
+    StrengthOption,
+    prior_from_options,
+    relion_external_command,
+    train_denoiser_command,
+)
 from bioinverse.io import output_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -280,13 +293,19 @@ def refine_command(
     ignore_origins: Annotated[bool, typer.Option("--ignore-origins", help="Start every shift search at 0, as "
                                                                          "for freshly picked particles (e.g. a "
                                                                          "blind test on simulated ones).")] = False,
+    prior: PriorOption = "gaussian",
+    denoiser: DenoiserOption = None,
+    strength: StrengthOption = 1.0,
+    cw_low: LowOption = 10.0,
+    cw_high: HighOption = 4.5,
     progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Progress bar on stderr.")] = True,
 ) -> None:
     """Gold-standard 3-D refinement (MAP-EM, as RELION's auto-refine) of particles against a reference.
 
     Input origins (rlnOriginX/YAngst), when the STAR file has poses, centre the first shift search (unless
     --ignore-origins); input angles are not used (the first search is global). Input half sets
-    (rlnRandomSubset 1/2) are kept; otherwise particles are split at random (--seed).
+    (rlnRandomSubset 1/2) are kept; otherwise particles are split at random (--seed). --prior red or cwred
+    replaces the Gaussian prior's M-step by regularisation by denoising (seed 002 eq. 17).
     Rerunning the same command resumes from OUT/checkpoint.pt. Writes OUT/half1.mrc, half2.mrc, map.mrc,
     fsc.star (data_fsc), fsc.png, particles.star (refined angles, origins, rlnRandomSubset,
     rlnMaxValueProbDistribution), history.json and, with --truth, angular_error.png.
@@ -330,9 +349,16 @@ def refine_command(
     true_poses = _match_truth(Path(truth), particles) if truth is not None else None
     out = output_dir(out)
 
+    chosen = prior_from_options(prior, strength, cw_low, cw_high)
+    model = None
+    if chosen.needs_denoiser:
+        from bioinverse.cryoem.denoiser import load_denoiser
+
+        model = load_denoiser(denoiser)
+        model.check_map(initial, pixel_size, str(reference))
     config = RefineConfig(particle_diameter=diameter, initial_resolution=ini_high, healpix_order=healpix_order,
                           max_healpix_order=max_healpix_order, offset_range=offset_range, offset_step=offset_step,
-                          max_iterations=max_iterations, seed=seed)
+                          max_iterations=max_iterations, seed=seed, prior=chosen)
     use_origins = particles.has_poses and not ignore_origins
     initial_shifts = origin_to_shift(particles.origins, pixel_size) if use_origins else None
     subsets = particles.random_subset
@@ -341,7 +367,7 @@ def refine_command(
                f"{'from ' + star.name if half is not None else f'split at random (seed {seed})'}")
     result = refine(images, pixel_size, particles.ctf_parameters()._asdict(), initial, config=config,
                     initial_shifts=initial_shifts, half=half, checkpoint=out / "checkpoint.pt", progress=progress,
-                    log=typer.echo)
+                    log=typer.echo, denoiser=model)
 
     for k in (0, 1):
         path = out / f"half{k + 1}.mrc"
@@ -467,6 +493,8 @@ def fsc(
         typer.echo(f"plot: {plot}")
 
 
-from bioinverse.cryoem.cli_implicit import app as _implicit_app  # noqa: E402  (it imports the helpers above)
+from bioinverse.cryoem.cli_implicit import app as _implicit_app
 
 app.add_typer(_implicit_app, name="implicit")
+app.command("relion-external")(relion_external_command)
+app.command("train-denoiser")(train_denoiser_command)
