@@ -476,3 +476,30 @@ def test_user_errors_exit_2_with_one_line(tmp_path, capsys):
     assert_user_error(code, err, "--shift")
     code, _, err = run(["cryoem", "density", tmp_path / "none.pdb", "--out", tmp_path / "d.mrc"], capsys)
     assert_user_error(code, err, "none.pdb")
+
+
+def test_refine_with_a_learned_prior_and_its_errors(session, tmp_path, capsys):
+    import torch
+
+    from bioinverse.cryoem.denoiser import DenoiserArchitecture, MapDenoiser
+
+    torch.manual_seed(0)
+    architecture = DenoiserArchitecture(levels=4, base_channels=2)
+    path = MapDenoiser(architecture.build(), architecture, BOX, APIX).save(tmp_path / "denoiser.pt")
+    star, reference = session["sim"] / "particles.star", session["sim"] / "reference.mrc"
+    code, out, err = run(["cryoem", "refine", star, "--reference", reference, "--out", tmp_path / "red",
+                          "--max-iterations", 2, "--prior", "red", "--lambda", 0.5, "--denoiser", path, *FAST], capsys)
+    assert code == 0, err
+    history = json.loads((tmp_path / "red" / "history.json").read_text())
+    assert [record["prior_weight"] for record in history["iterations"]] == [0.5, 0.5]
+    assert not np.allclose(read_map(tmp_path / "red" / "map.mrc")[0], read_map(session["refine"] / "map.mrc")[0])
+    code, _, err = run(["cryoem", "refine", star, "--reference", reference, "--out", tmp_path / "x",
+                        "--prior", "tv", *FAST], capsys)
+    assert_user_error(code, err, "prior", "gaussian, red, cwred")
+    code, _, err = run(["cryoem", "refine", star, "--reference", reference, "--out", tmp_path / "x",
+                        "--prior", "red", "--lambda", 2, "--denoiser", path, *FAST], capsys)
+    assert_user_error(code, err, "λ must be in [0, 1]")
+    bigger = MapDenoiser(architecture.build(), architecture, 2 * BOX, APIX).save(tmp_path / "big.pt")
+    code, _, err = run(["cryoem", "refine", star, "--reference", reference, "--out", tmp_path / "x",
+                        "--prior", "cwred", "--denoiser", bigger, *FAST], capsys)
+    assert_user_error(code, err, "reference.mrc", "trained on 48³")
