@@ -219,8 +219,6 @@ def _fourier_fsc(a: torch.Tensor, b: torch.Tensor, shells: torch.Tensor, n_shell
     return torch.where(denom > 0, cross / torch.where(denom > 0, denom, 1.0), 0.0).numpy()
 
 
-
-
 def _tau2_grid(tau2_shell, shells) -> torch.Tensor:
     """τ² per voxel of the padded grid from τ² per shell (0 beyond the last shell)."""
     return torch.as_tensor(np.append(tau2_shell, 0.0), dtype=torch.float32)[shells]
@@ -560,14 +558,10 @@ def _gold_standard_update(numerators, denominators, projector, grid_shells, n_sh
     fsc[int(np.floor(band_radius)) + 1:] = 0.0
     tau2 = [_tau2(fsc, k, grid_shells, n_shells) for k in denominators]
     regulariser = regulariser or _Regulariser()
-    halves, weight = regulariser.maps(numerators, denominators, tau2, projector, grid_shells, n_shells,
-                                      _resolution_of(fsc, projector.box, pixel_size), {**(context or {}), "fsc": fsc})
+    resolution = nominal_resolution(fsc, projector.box, pixel_size)
+    halves, weight = regulariser.maps(numerators, denominators, tau2, projector, grid_shells, n_shells, resolution,
+                                      {**(context or {}), "fsc": fsc})
     return halves, fsc, tau2, (numerators[0] + numerators[1], denominators[0] + denominators[1]), weight
-
-
-def _resolution_of(fsc: np.ndarray, box: int, pixel_size: float) -> float:
-    """Å at the FSC's 0.143 crossing (infinite when the first shell already falls below)."""
-    return nominal_resolution(fsc, box, pixel_size)
 
 
 def _final_map(accumulators, fsc, projector, grid_shells, n_shells, pixel_size, regulariser=None) -> np.ndarray:
@@ -578,7 +572,7 @@ def _final_map(accumulators, fsc, projector, grid_shells, n_shells, pixel_size, 
     tau2 = _tau2(full_fsc, denominator, grid_shells, n_shells)
     maps, _ = (regulariser or _Regulariser()).maps(
         [numerator], [denominator], [tau2], projector, grid_shells, n_shells,
-        _resolution_of(fsc, projector.box, pixel_size), {"final": True, "fsc": fsc})
+        nominal_resolution(fsc, projector.box, pixel_size), {"final": True, "fsc": fsc})
     return maps[0]
 
 
