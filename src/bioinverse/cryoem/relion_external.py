@@ -269,7 +269,10 @@ def reconstruct_external(job: ExternalReconstruction, prior: Prior = GAUSSIAN, d
             raise InputError("denoiser", f"the {prior.kind} prior needs a denoiser")
         ratio = _divide(numerator, geometry.floored(k))
         ratio[geometry.r2 > geometry.max_r2] = 0.0
-        denoised = geometry.to_spectrum(denoiser(geometry.to_map(ratio).astype(np.float32)))
+        unregularised = geometry.to_map(ratio).astype(np.float32)
+        if hasattr(denoiser, "check_map"):  # a MapDenoiser made for another box or sampling is refused
+            denoiser.check_map(unregularised, pixel_size, str(job.star))
+        denoised = geometry.to_spectrum(denoiser(unregularised))
 
     shell = np.floor(geometry.radius / job.padding + 0.5).astype(np.int64)  # RELION's ROUND
     tau2 = job.tau2[np.minimum(shell, len(job.tau2) - 1)]
