@@ -166,8 +166,9 @@ def test_a_trained_denoiser_brings_noisy_maps_closer_to_their_truth():
     config = TrainConfig(lr=3e-3, batch_size=8, max_epochs=20, early_stopping="none", val_fraction=0.1,
                          progress=False, device="cpu")
     denoiser, result = train_denoiser(noisy[:40], clean[:40], APIX, DenoiserArchitecture(levels=3, base_channels=4),
-                                      config=config)
+                                      config=config, groups=np.arange(40) // 8)
     assert result.epochs_run == 20 and denoiser.record["n_pairs"] == 40
+    assert denoiser.record["n_validation"] == 8  # one whole group of the five held out
     before = np.linalg.norm(noisy[40:] - clean[40:])
     after = np.linalg.norm(np.stack([denoiser(x) for x in noisy[40:]]) - clean[40:])
     assert after < 0.6 * before

@@ -120,7 +120,8 @@ def train_denoiser_command(
     record = {"recipe": {"structures": list(recipe.structures), "snrs": list(recipe.snrs),
                          "n_particles": recipe.n_particles, "seed": recipe.seed, "noise": noise},
               "data_seconds": data_seconds}
-    denoiser, result = train_denoiser(inputs, targets, recipe.pixel_size, config=config, record=record)
+    denoiser, result = train_denoiser(inputs, targets, recipe.pixel_size, config=config, record=record,
+                                      groups=data["case"])
     denoiser.save(out)
     typer.echo(f"denoiser: {out} (validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch}, "
                f"{denoiser.record['train_seconds']:.0f} s of training)")

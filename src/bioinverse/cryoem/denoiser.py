@@ -226,7 +226,7 @@ def random_cube_symmetries(x: torch.Tensor, y: torch.Tensor, generator: torch.Ge
 def train_denoiser(inputs: np.ndarray, targets: np.ndarray, pixel_size: float,
                    architecture: DenoiserArchitecture = DenoiserArchitecture(),
                    config: TrainConfig | None = None, augment: bool = True,
-                   record: dict | None = None) -> tuple[MapDenoiser, TrainResult]:
+                   record: dict | None = None, groups: np.ndarray | None = None) -> tuple[MapDenoiser, TrainResult]:
     """Train a denoiser on pairs (unregularised map, coarsened truth) through the shared trainer.
 
     Each pair is standardised with its input's mean and standard deviation (the network's output is
@@ -244,6 +244,10 @@ def train_denoiser(inputs: np.ndarray, targets: np.ndarray, pixel_size: float,
         Random cube symmetries on every training minibatch.
     record : dict, optional
         Extra facts saved with the denoiser (where the data came from).
+    groups : ndarray of int, shape (n,), optional
+        The refinement each pair comes from. Maps of one refinement are alike, so validation then holds
+        out whole refinements (``config.val_fraction`` of them, drawn with ``config.seed``) instead of
+        random maps, which would flatter the validation loss.
     """
     inputs = np.asarray(inputs, dtype=np.float32)
     targets = np.asarray(targets, dtype=np.float32)
@@ -259,11 +263,26 @@ def train_denoiser(inputs: np.ndarray, targets: np.ndarray, pixel_size: float,
                                    early_stopping="none", val_fraction=0.1)
     x, mean, std = standardise(inputs)
     y = (torch.as_tensor(targets) - mean) / std
+    x, y = x[:, None], y[:, None]
+    validation = {}
+    if groups is not None and config.val_fraction > 0:
+        groups = np.asarray(groups)
+        if groups.shape != (len(inputs),):
+            raise InputError("groups", f"needs one group per pair ({len(inputs)}), got shape {groups.shape}")
+        names = np.unique(groups)
+        if len(names) < 2:
+            raise InputError("groups", "needs at least two refinements to hold one out for validation")
+        n_val = max(1, round(config.val_fraction * len(names)))
+        held = np.random.default_rng(config.seed).choice(names, size=min(n_val, len(names) - 1), replace=False)
+        val = torch.as_tensor(np.isin(groups, held))
+        validation = {"X_val": x[val], "y_val": y[val]}
+        x, y = x[~val], y[~val]
     torch.manual_seed(config.seed)
     network = architecture.build()
-    result = fit(network, x[:, None], y[:, None], config, augment=random_cube_symmetries if augment else None)
+    result = fit(network, x, y, config, augment=random_cube_symmetries if augment else None, **validation)
     network = network.cpu().eval()
-    summary = {"n_pairs": len(inputs), "epochs": result.epochs_run, "best_epoch": result.best_epoch,
+    summary = {"n_pairs": len(inputs), "n_validation": len(validation["X_val"]) if validation else None,
+               "epochs": result.epochs_run, "best_epoch": result.best_epoch,
                "best_val_loss": result.best_val_loss,
                "train_seconds": float(sum(h["seconds"] for h in result.history)),
                "config": {k: (os.fspath(v) if isinstance(v, os.PathLike) else v)
