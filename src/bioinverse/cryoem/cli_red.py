@@ -66,9 +66,9 @@ def train_denoiser_command(
                                                       "checkpoint.")],
     structures: Annotated[int, typer.Option("--structures", help="How many of the 50 data/dssp chains of "
                                                                  "MDAnalysisTests to use (in name order).")] = 50,
-    snrs: Annotated[str, typer.Option("--snrs", help="Comma-separated image SNRs, one refinement each.")] = "0.05,0.02",
-    particles: Annotated[int, typer.Option("--particles", help="Particles per refinement.")] = 800,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (cosine learning-rate decay).")] = 30,
+    snrs: Annotated[str, typer.Option("--snrs", help="Comma-separated image SNRs, one refinement each.")] = "0.5,0.1",
+    particles: Annotated[int, typer.Option("--particles", help="Particles per refinement.")] = 500,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (cosine learning-rate decay).")] = 15,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Maps per minibatch.")] = 8,
     lr: Annotated[float, typer.Option("--lr", help="Adam's initial learning rate.")] = 1e-3,
     noise: Annotated[str, typer.Option("--noise", help="refinement (the maps of the refinements) or gaussian "

@@ -239,7 +239,7 @@ def train_denoiser(inputs: np.ndarray, targets: np.ndarray, pixel_size: float,
         Å per pixel, recorded with the denoiser.
     architecture : DenoiserArchitecture
     config : TrainConfig, optional
-        Defaults to Adam at 1e-3 with a cosine decay, minibatches of 8, 10 % held out.
+        Defaults to 15 epochs of Adam at 1e-3 with a cosine decay, minibatches of 8, 10 % held out.
     augment : bool
         Random cube symmetries on every training minibatch.
     record : dict, optional
@@ -259,7 +259,7 @@ def train_denoiser(inputs: np.ndarray, targets: np.ndarray, pixel_size: float,
         raise InputError("training pairs", f"box {box} is not divisible by 2**{architecture.levels - 1}")
     if not (np.isfinite(inputs).all() and np.isfinite(targets).all()):
         raise InputError("training pairs", "contain NaN or Inf")
-    config = config or TrainConfig(optimizer="adam", lr=1e-3, batch_size=8, max_epochs=30, schedule="cosine",
+    config = config or TrainConfig(optimizer="adam", lr=1e-3, batch_size=8, max_epochs=15, schedule="cosine",
                                    early_stopping="none", val_fraction=0.1)
     x, mean, std = standardise(inputs)
     y = (torch.as_tensor(targets) - mean) / std

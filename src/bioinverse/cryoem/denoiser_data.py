@@ -64,8 +64,8 @@ class TrainingRecipe:
     """
 
     structures: tuple[str, ...] = TRAINING_STRUCTURES
-    snrs: tuple[float, ...] = (0.05, 0.02)
-    n_particles: int = 800
+    snrs: tuple[float, ...] = (0.5, 0.1)
+    n_particles: int = 500
     box: int = 64
     pixel_size: float = 1.5
     max_iterations: int = 12
