@@ -1,4 +1,4 @@
-"""Atomic file output shared by every writer.
+"""Atomic file output shared by every writer, and the checked reader of the model files they write.
 
 A writer never leaves a half-written file that looks complete: it writes to a hidden temporary
 file in the destination's directory, flushes it to disk, then renames it over the destination
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_open", "write_text", "write_bytes", "write_json", "output_dir"]
+__all__ = ["atomic_path", "atomic_open", "write_text", "write_bytes", "write_json", "output_dir", "read_model_file"]
 
 
 @contextlib.contextmanager
@@ -94,3 +94,31 @@ def output_dir(path: str | os.PathLike) -> Path:
         raise InputError(out, "exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def read_model_file(path: str | os.PathLike, expected_format: str, what: str) -> dict:
+    """The dictionary a model file written with ``torch.save`` holds, read with ``weights_only=True``.
+
+    Raises
+    ------
+    InputError
+        A missing, empty, unreadable (truncated, foreign) file, or one whose ``format`` tag is not
+        ``expected_format`` (the message says it is not ``what``).
+    """
+    import torch
+
+    from bioinverse.errors import InputError
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "is empty")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (torch raises many types for a truncated or foreign file)
+        reason = (str(exc).strip().splitlines() or [""])[0][:100]
+        raise InputError(path, f"is not a readable model file ({type(exc).__name__}: {reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != expected_format:
+        raise InputError(path, f"is not {what} (expected format {expected_format!r})")
+    return payload

@@ -34,7 +34,7 @@ import torch
 
 from bioinverse.errors import InputError
 from bioinverse.fourier import fsc, shell_index
-from bioinverse.io import atomic_path
+from bioinverse.io import atomic_path, read_model_file
 from bioinverse.nn import UNet3d
 from bioinverse.train import TrainConfig, TrainResult, fit
 
@@ -143,21 +143,12 @@ class MapDenoiser:
 
 def load_denoiser(path: str | os.PathLike | None = None) -> MapDenoiser:
     """Read a denoiser written by :meth:`MapDenoiser.save`; the shipped one when ``path`` is None."""
-    from bioinverse.cryoem.io import _check_file
-
     if path is None:
         path = resources.files("bioinverse.cryoem") / "data" / DEFAULT_DENOISER
         if not path.is_file():
             raise InputError(str(path), "the shipped denoiser is missing from this installation")
     path = Path(str(path))
-    _check_file(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (torch raises many types for a truncated or foreign file)
-        reason = (str(exc).strip().splitlines() or [""])[0][:100]
-        raise InputError(path, f"is not a readable model file ({type(exc).__name__}: {reason})") from None
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise InputError(path, f"is not a map denoiser (expected format {_FORMAT!r})")
+    payload = read_model_file(path, _FORMAT, "a map denoiser")
     try:
         architecture = DenoiserArchitecture(**payload["architecture"])
         network = architecture.build()

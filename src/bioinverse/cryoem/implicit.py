@@ -69,7 +69,7 @@ import torch
 from bioinverse._checks import positive_number, real_finite_array
 from bioinverse.errors import InputError
 from bioinverse.fourier import FSCCurve, frc, fsc
-from bioinverse.io import atomic_path
+from bioinverse.io import atomic_path, read_model_file
 from bioinverse.nn import SIREN, FourierFeatureMLP
 from bioinverse.train import TrainConfig
 from bioinverse.train import fit as train_fit
@@ -439,17 +439,8 @@ class ImplicitMap:
 
 def load_implicit(path: str | os.PathLike) -> ImplicitMap:
     """Read a representation written by :meth:`ImplicitMap.save`; ``InputError`` if it is not one."""
-    from bioinverse.cryoem.io import _check_file
-
     path = Path(path)
-    _check_file(path)
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (torch raises many types for a truncated or foreign file)
-        reason = (str(exc).strip().splitlines() or [""])[0][:100]
-        raise InputError(path, f"is not a readable model file ({type(exc).__name__}: {reason})") from None
-    if not isinstance(payload, dict) or payload.get("format") != _FORMAT:
-        raise InputError(path, f"is not an implicit-map model (expected format {_FORMAT!r})")
+    payload = read_model_file(path, _FORMAT, "an implicit-map model")
     try:
         architecture = Architecture(**payload["architecture"])
         dimensions = int(payload["dimensions"])
