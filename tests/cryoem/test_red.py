@@ -29,17 +29,6 @@ from bioinverse.train import TrainConfig
 BOX, APIX = 24, 3.0
 
 
-def _phantom() -> np.ndarray:
-    rng = np.random.default_rng(0)
-    grid = np.arange(BOX) - BOX // 2
-    z, y, x = np.meshgrid(grid, grid, grid, indexing="ij")
-    volume = np.zeros((BOX,) * 3)
-    for (cx, cy, cz), width, height in zip(rng.uniform(-6, 6, (9, 3)), rng.uniform(1.0, 2.0, 9),
-                                           rng.uniform(0.5, 1.5, 9)):
-        volume += height * np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * width**2))
-    return volume.astype(np.float32)
-
-
 def _random_denoiser(box: int = BOX, levels: int = 4, seed: int = 0) -> MapDenoiser:
     torch.manual_seed(seed)
     architecture = DenoiserArchitecture(levels=levels, base_channels=2)
@@ -143,8 +132,8 @@ def test_cube_symmetries_are_48_distinct_and_keep_the_centre():
     torch.testing.assert_close(cube_symmetry(x, 0), x)
 
 
-def test_coarsened_truth_keeps_what_the_estimate_knows():
-    truth = _phantom()
+def test_coarsened_truth_keeps_what_the_estimate_knows(blobs24):
+    truth = blobs24
     noise = np.random.default_rng(4).normal(size=truth.shape).astype(np.float32)
     coarse = coarsened_truth(truth, truth + 0.5 * noise * truth.std(), APIX)
     weights = np.clip(fsc(truth + 0.5 * noise * truth.std(), truth, APIX).values, 0, 1)
@@ -154,9 +143,9 @@ def test_coarsened_truth_keeps_what_the_estimate_knows():
     assert np.abs(coarsened_truth(truth, noise, APIX)).max() < 0.3 * np.abs(truth).max()  # knows nothing
 
 
-def test_a_trained_denoiser_brings_noisy_maps_closer_to_their_truth():
+def test_a_trained_denoiser_brings_noisy_maps_closer_to_their_truth(blobs24):
     rng = np.random.default_rng(5)
-    truth = _phantom()
+    truth = blobs24
     clean, noisy = [], []
     for i in range(48):
         shifted = np.roll(truth, tuple(rng.integers(-3, 4, 3)), axis=(0, 1, 2))
@@ -178,8 +167,8 @@ def test_a_trained_denoiser_brings_noisy_maps_closer_to_their_truth():
 
 
 @pytest.fixture(scope="module")
-def noisy_set():
-    return simulate_particles(_phantom(), APIX, n=300, snr=0.3, defocus=(1.0, 2.5), max_shift=1.0,
+def noisy_set(blobs24):
+    return simulate_particles(blobs24, APIX, n=300, snr=0.3, defocus=(1.0, 2.5), max_shift=1.0,
                               reference_resolution=20.0, seed=6)
 
 
@@ -219,10 +208,10 @@ def test_red_with_a_perfect_denoiser_moves_the_map_to_the_truth(noisy_set):
     assert seen[0]["map"].shape == (BOX,) * 3 and np.isfinite(seen[-1]["resolution_A"])
 
 
-def test_the_denoiser_input_carries_the_data_without_the_prior():
+def test_the_denoiser_input_carries_the_data_without_the_prior(blobs24):
     """B / K from the projector's accumulators is the map itself when the data are noise-free."""
     projector = FourierProjector(BOX)
-    truth = lowpass(_phantom(), APIX, 8.0)
+    truth = lowpass(blobs24, APIX, 8.0)
     spectrum = projector.reconstruction_spectrum(truth)
     k = torch.full(spectrum.shape, 3.0)
     shells = _grid_shells(projector.padded_box, projector.padding, BOX // 2 + 1)

@@ -12,21 +12,9 @@ from bioinverse.fourier import fsc
 BOX, APIX = 24, 3.0
 
 
-def _phantom() -> np.ndarray:
-    """Nine Gaussian blobs at random places: no symmetry, so every pose is identifiable."""
-    rng = np.random.default_rng(0)
-    grid = np.arange(BOX) - BOX // 2
-    z, y, x = np.meshgrid(grid, grid, grid, indexing="ij")
-    volume = np.zeros((BOX,) * 3)
-    for (cx, cy, cz), width, height in zip(rng.uniform(-6, 6, (9, 3)), rng.uniform(1.0, 2.0, 9),
-                                           rng.uniform(0.5, 1.5, 9)):
-        volume += height * np.exp(-((x - cx) ** 2 + (y - cy) ** 2 + (z - cz) ** 2) / (2 * width**2))
-    return volume.astype(np.float32)
-
-
 @pytest.fixture(scope="module")
-def clean_set():
-    return simulate_particles(_phantom(), APIX, n=240, snr=50.0, defocus=(1.0, 2.5), max_shift=1.0,
+def clean_set(blobs24):
+    return simulate_particles(blobs24, APIX, n=240, snr=50.0, defocus=(1.0, 2.5), max_shift=1.0,
                               reference_resolution=20.0, seed=4)
 
 
