@@ -493,7 +493,7 @@ def fsc(
         typer.echo(f"plot: {plot}")
 
 
-from bioinverse.cryoem.cli_implicit import app as _implicit_app
+from bioinverse.cryoem.cli_implicit import app as _implicit_app  # last: it imports the helpers above
 
 app.add_typer(_implicit_app, name="implicit")
 app.command("relion-external")(relion_external_command)
