@@ -36,3 +36,14 @@ def positive_number(value: float, name: str, *, unit: str = "", allow_zero: bool
     if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
         raise InputError(name, f"must be a {what}, got {value!r}")
     return v
+
+
+def nonempty_file(path) -> None:
+    """InputError naming ``path`` when it is not an existing, non-empty file."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "no such file")
+    if path.stat().st_size == 0:
+        raise InputError(path, "is empty")

@@ -107,13 +107,11 @@ def read_model_file(path: str | os.PathLike, expected_format: str, what: str) ->
     """
     import torch
 
+    from bioinverse._checks import nonempty_file
     from bioinverse.errors import InputError
 
     path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise InputError(path, "is empty")
+    nonempty_file(path)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (torch raises many types for a truncated or foreign file)

@@ -17,10 +17,15 @@ from bioinverse.cryoem.priors import (
     Prior,
     cwred_weight,
     regularised_spectrum,
-    unregularised_spectrum,
 )
 from bioinverse.cryoem.projection import FourierProjector
-from bioinverse.cryoem.refine import RefineConfig, _grid_shells, refine, soft_sphere_mask
+from bioinverse.cryoem.refine import (
+    RefineConfig,
+    _grid_shells,
+    refine,
+    soft_sphere_mask,
+    unregularised_spectrum,
+)
 from bioinverse.cryoem.simulate import simulate_particles
 from bioinverse.errors import InputError
 from bioinverse.fourier import fsc, lowpass

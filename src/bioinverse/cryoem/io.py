@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
-from bioinverse._checks import positive_number, real_finite_array
+from bioinverse._checks import nonempty_file, positive_number, real_finite_array
 from bioinverse.errors import InputError
 from bioinverse.io import atomic_path
 
@@ -52,19 +52,12 @@ PIXEL_SIZE_RTOL = 1e-3
 # MRC maps and stacks
 
 
-def _check_file(path: Path) -> None:
-    if not path.is_file():
-        raise InputError(path, "no such file")
-    if path.stat().st_size == 0:
-        raise InputError(path, "is empty")
-
-
 @contextlib.contextmanager
 def _open_mrc(path: Path, *, mmap: bool = False, header_only: bool = False) -> Iterator:
     """``mrcfile`` handle, strict: truncation and header problems become InputError."""
     import mrcfile
 
-    _check_file(path)
+    nonempty_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # mrcfile reports truncation and bad headers as warnings
@@ -657,7 +650,7 @@ def _read_star(path: Path) -> dict:
     import pandas as pd
     import starfile
 
-    _check_file(path)
+    nonempty_file(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -1119,7 +1112,7 @@ def read_atoms(path: str | os.PathLike, keep_waters: bool = False) -> Atoms:
     import gemmi
 
     path = Path(path)
-    _check_file(path)
+    nonempty_file(path)
     try:
         structure = gemmi.read_structure(str(path))
     except (RuntimeError, ValueError, OSError) as exc:

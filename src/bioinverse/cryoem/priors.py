@@ -51,13 +51,13 @@ import torch
 
 from bioinverse.errors import InputError
 
-__all__ = ["GAUSSIAN", "PRIORS", "Prior", "cwred_weight", "nominal_resolution", "regularised_spectrum",
-           "resolution_shell", "unregularised_spectrum"]
+__all__ = ["GAUSSIAN", "PRIORS", "WEIGHT_FLOOR", "Prior", "cwred_weight", "nominal_resolution",
+           "regularised_spectrum", "resolution_shell"]
 
 #: The M-step priors :func:`bioinverse.cryoem.refine.refine` and ``relion-external`` know.
 PRIORS = ("gaussian", "red", "cwred")
 
-# RELION's floor on K for the ratio B / K: this fraction of K's mean over the Fourier shell.
+#: RELION's floor on K for the ratio B / K: this fraction of K's mean over the Fourier shell.
 WEIGHT_FLOOR = 1e-3
 
 
@@ -166,27 +166,3 @@ def regularised_spectrum(numerator: torch.Tensor, denominator: torch.Tensor, tau
     if denoised is None or weight == 0.0:
         return numerator * gain
     return (numerator * tau2 + weight * denoised) / (denominator * tau2 + 1.0)
-
-
-def unregularised_spectrum(numerator: torch.Tensor, denominator: torch.Tensor, shells: torch.Tensor,
-                           n_shells: int) -> torch.Tensor:
-    r""":math:`\tilde x = B / K`, the input of the denoiser, with RELION's floor on K.
-
-    K is raised to at least ``WEIGHT_FLOOR`` × its mean over the voxel's Fourier shell, so that the
-    few voxels that the particles barely sample do not dominate the map; voxels of a shell in which
-    nothing was inserted (beyond the band of the iteration) are 0.
-
-    Parameters
-    ----------
-    numerator, denominator : torch.Tensor, shape (P, P, P)
-    shells : torch.Tensor of int64, shape (P, P, P)
-        Fourier shell of each voxel, ``n_shells`` for voxels beyond the last one.
-    n_shells : int
-    """
-    idx = shells.reshape(-1)
-    total = torch.zeros(n_shells + 1, dtype=torch.float64).index_add_(0, idx, denominator.reshape(-1).double())
-    count = torch.bincount(idx, minlength=n_shells + 1).double().clamp(min=1)
-    floor = (WEIGHT_FLOOR * total / count).to(denominator.dtype)
-    floor[n_shells] = 0.0
-    weight = torch.maximum(denominator, floor[shells])
-    return torch.where(weight > 0, numerator / torch.where(weight > 0, weight, 1.0), 0.0)

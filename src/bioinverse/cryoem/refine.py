@@ -53,11 +53,11 @@ from bioinverse.cryoem.ctf import ctf as ctf_values
 from bioinverse.cryoem.em import Band, global_search, hermitian_sum, local_search
 from bioinverse.cryoem.priors import (
     GAUSSIAN,
+    WEIGHT_FLOOR,
     Prior,
     nominal_resolution,
     regularised_spectrum,
     resolution_shell,
-    unregularised_spectrum,
 )
 from bioinverse.cryoem.projection import FourierProjector, half_plane_pixels
 from bioinverse.cryoem.rotations import euler_to_matrix
@@ -68,7 +68,8 @@ from bioinverse.fourier import fsc as fsc_curve
 # Half-width of a local search, in angular steps of its grid: one step of the coarser grid before it.
 LOCAL_SEARCH_STEPS = 2.0
 
-__all__ = ["RefineConfig", "RefineResult", "image_spectra", "reconstruct_with_poses", "refine", "soft_sphere_mask"]
+__all__ = ["RefineConfig", "RefineResult", "image_spectra", "reconstruct_with_poses", "refine", "soft_sphere_mask",
+           "unregularised_spectrum"]
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,27 @@ def _shell_mean(values: torch.Tensor, shells: torch.Tensor, n_shells: int) -> np
     total = torch.zeros(n_shells + 1, dtype=torch.float64).index_add_(0, idx, values.reshape(-1).double())
     count = torch.bincount(idx, minlength=n_shells + 1).double()
     return (total / count.clamp(min=1)).numpy()[:n_shells]
+
+
+def unregularised_spectrum(numerator: torch.Tensor, denominator: torch.Tensor, shells: torch.Tensor,
+                           n_shells: int) -> torch.Tensor:
+    r""":math:`\tilde x = B / K`, the input of the denoiser (seed 002 eq. 17), with RELION's floor on K.
+
+    K is raised to at least ``WEIGHT_FLOOR`` × its mean over the voxel's Fourier shell, so that the
+    few voxels that the particles barely sample do not dominate the map; voxels beyond the last shell,
+    and those of a shell in which nothing was inserted (beyond the band of the iteration), are 0.
+
+    Parameters
+    ----------
+    numerator, denominator : torch.Tensor, shape (P, P, P)
+    shells : torch.Tensor of int64, shape (P, P, P)
+        Fourier shell of each voxel, ``n_shells`` for voxels beyond the last one.
+    n_shells : int
+    """
+    floor = torch.as_tensor(np.append(WEIGHT_FLOOR * _shell_mean(denominator, shells, n_shells), 0.0),
+                            dtype=denominator.dtype)[shells]
+    weight = torch.maximum(denominator, floor)
+    return torch.where(weight > 0, numerator / torch.where(weight > 0, weight, 1.0), 0.0)
 
 
 def _tau2(fsc: np.ndarray, denominator: torch.Tensor, shells: torch.Tensor, n_shells: int) -> np.ndarray:

@@ -45,13 +45,12 @@ from pathlib import Path
 
 import numpy as np
 
-from bioinverse.cryoem.priors import GAUSSIAN, Prior, nominal_resolution
+from bioinverse.cryoem.priors import GAUSSIAN, WEIGHT_FLOOR, Prior, nominal_resolution
 from bioinverse.errors import InputError
 
 __all__ = ["ExternalReconstruction", "read_external_reconstruct", "reconstruct_external", "run_external"]
 
-# RELION's constants: the shell-mean fraction that floors K, the stand-in for τ² = 0, the mask edge.
-_WEIGHT_FLOOR = 1e-3
+# RELION's constants: the stand-in for τ² = 0, the mask edge.
 _ZERO_TAU2_FRACTION = 1e-3
 _MASK_EDGE = 3.0
 
@@ -98,11 +97,11 @@ def _resolve(star: Path, name: str) -> Path:
     return beside if beside.exists() else path
 
 
-def _read_half_complex(star: Path, path: Path, shape: tuple | None) -> np.ndarray:
+def _read_half_complex(path: Path, shape: tuple | None) -> np.ndarray:
     from bioinverse.cryoem.io import _open_mrc
 
     with _open_mrc(path) as mrc:
-        data = np.asarray(mrc.data, dtype=np.float64).copy()
+        data = np.array(mrc.data, dtype=np.float64)
     if data.ndim != 3 or data.shape[2] != data.shape[0] // 2 + 1 or data.shape[0] != data.shape[1]:
         raise InputError(path, f"has shape {data.shape}; RELION's half-complex grid is (P, P, P/2 + 1)")
     if shape is not None and data.shape != shape:
@@ -159,10 +158,10 @@ def read_external_reconstruct(star: str | os.PathLike) -> ExternalReconstruction
         if not (np.isfinite(tau2).all() and np.isfinite(fsc).all()) or (tau2 < 0).any():
             raise InputError(star, "has a non-finite or negative τ²")
         tau2, fsc = tau2[: size // 2 + 1], fsc[: size // 2 + 1]
-    real = _read_half_complex(star, _resolve(star, str(general["rlnExtReconsDataReal"])), None)
-    imag = _read_half_complex(star, _resolve(star, str(general["rlnExtReconsDataImag"])), real.shape)
+    real = _read_half_complex(_resolve(star, str(general["rlnExtReconsDataReal"])), None)
+    imag = _read_half_complex(_resolve(star, str(general["rlnExtReconsDataImag"])), real.shape)
     weight_path = _resolve(star, str(general["rlnExtReconsWeight"]))
-    weight = _read_half_complex(star, weight_path, real.shape)
+    weight = _read_half_complex(weight_path, real.shape)
     if (weight < 0).any():
         raise InputError(weight_path, "has negative weights")
     if real.shape[0] != round(padding * size):
@@ -195,7 +194,7 @@ class _Geometry:
         inside = self.r2 < round((self.r_max * self.padding) ** 2)
         sums = np.bincount(shell[inside], weights=weight[inside], minlength=self.r_max)[: self.r_max]
         counts = np.bincount(shell[inside], minlength=self.r_max)[: self.r_max]
-        floor = _WEIGHT_FLOOR * sums / np.maximum(counts, 1)
+        floor = WEIGHT_FLOOR * sums / np.maximum(counts, 1)
         return np.maximum(weight, floor[np.minimum(shell, self.r_max - 1)])
 
     def to_map(self, spectrum: np.ndarray) -> np.ndarray:
