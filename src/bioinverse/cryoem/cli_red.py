@@ -71,6 +71,8 @@ def train_denoiser_command(
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (cosine learning-rate decay).")] = 15,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Maps per minibatch.")] = 8,
     lr: Annotated[float, typer.Option("--lr", help="Adam's initial learning rate.")] = 1e-3,
+    crop: Annotated[int, typer.Option("--crop", help="Train on random crops of this size (0: whole maps); "
+                                                     "a multiple of 16.")] = 48,
     noise: Annotated[str, typer.Option("--noise", help="refinement (the maps of the refinements) or gaussian "
                                                        "(truth + noise of their spectrum, the seed's "
                                                        "alternative).")] = "refinement",
@@ -121,7 +123,7 @@ def train_denoiser_command(
                          "n_particles": recipe.n_particles, "seed": recipe.seed, "noise": noise},
               "data_seconds": data_seconds}
     denoiser, result = train_denoiser(inputs, targets, recipe.pixel_size, config=config, record=record,
-                                      groups=data["case"])
+                                      groups=data["case"], crop=crop or None)
     denoiser.save(out)
     typer.echo(f"denoiser: {out} (validation loss {result.best_val_loss:.4f} at epoch {result.best_epoch}, "
                f"{denoiser.record['train_seconds']:.0f} s of training)")

@@ -38,7 +38,7 @@ from bioinverse.io import atomic_path, read_model_file
 from bioinverse.nn import UNet3d
 from bioinverse.train import TrainConfig, TrainResult, fit
 
-__all__ = ["DEFAULT_DENOISER", "DenoiserArchitecture", "MapDenoiser", "coarsened_truth", "cube_symmetry",
+__all__ = ["DEFAULT_DENOISER", "CubeAugment", "DenoiserArchitecture", "MapDenoiser", "coarsened_truth", "cube_symmetry",
            "load_denoiser", "random_cube_symmetries", "single_pass_ratio", "standardise", "train_denoiser"]
 
 _FORMAT = "bioinverse.cryoem.denoiser/1"
@@ -214,9 +214,31 @@ def random_cube_symmetries(x: torch.Tensor, y: torch.Tensor, generator: torch.Ge
             torch.stack([cube_symmetry(b, c) for b, c in zip(y, choice)]))
 
 
+@dataclass(frozen=True)
+class CubeAugment:
+    """The training augmentation (an ``augment`` of :func:`fit`): a random cube symmetry, then a random crop.
+
+    Each input map and its target get the same symmetry and, when ``crop`` is set, the same random
+    ``crop``³ sub-box. A step on 48³ crops of 64³ maps costs about 2.5 times less than one on the whole
+    maps; the network is fully convolutional, so it still denoises whole boxes.
+    """
+
+    crop: int | None = None
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator):
+        x, y = random_cube_symmetries(x, y, generator)
+        n = x.shape[-1]
+        if self.crop is None or self.crop >= n:
+            return x, y
+        corners = torch.randint(n - self.crop + 1, (x.shape[0], 3), generator=generator).tolist()
+        boxes = [tuple(slice(c, c + self.crop) for c in corner) for corner in corners]
+        return (torch.stack([a[(..., *box)] for a, box in zip(x, boxes)]),
+                torch.stack([b[(..., *box)] for b, box in zip(y, boxes)]))
+
+
 def train_denoiser(inputs: np.ndarray, targets: np.ndarray, pixel_size: float,
                    architecture: DenoiserArchitecture = DenoiserArchitecture(),
-                   config: TrainConfig | None = None, augment: bool = True,
+                   config: TrainConfig | None = None, augment: bool = True, crop: int | None = None,
                    record: dict | None = None, groups: np.ndarray | None = None) -> tuple[MapDenoiser, TrainResult]:
     """Train a denoiser on pairs (unregularised map, coarsened truth) through the shared trainer.
 
@@ -233,6 +255,9 @@ def train_denoiser(inputs: np.ndarray, targets: np.ndarray, pixel_size: float,
         Defaults to 15 epochs of Adam at 1e-3 with a cosine decay, minibatches of 8, 10 % held out.
     augment : bool
         Random cube symmetries on every training minibatch.
+    crop : int, optional
+        Train on random ``crop``³ sub-boxes of the pairs (a multiple of ``2**(levels - 1)``); validation
+        still uses whole maps.
     record : dict, optional
         Extra facts saved with the denoiser (where the data came from).
     groups : ndarray of int, shape (n,), optional
@@ -248,6 +273,8 @@ def train_denoiser(inputs: np.ndarray, targets: np.ndarray, pixel_size: float,
     box = inputs.shape[1]
     if box % 2 ** (architecture.levels - 1):
         raise InputError("training pairs", f"box {box} is not divisible by 2**{architecture.levels - 1}")
+    if crop is not None and (not 0 < crop <= box or crop % 2 ** (architecture.levels - 1)):
+        raise InputError("crop", f"must be in (0, {box}] and divisible by 2**{architecture.levels - 1}, got {crop}")
     if not (np.isfinite(inputs).all() and np.isfinite(targets).all()):
         raise InputError("training pairs", "contain NaN or Inf")
     config = config or TrainConfig(optimizer="adam", lr=1e-3, batch_size=8, max_epochs=15, schedule="cosine",
@@ -270,7 +297,13 @@ def train_denoiser(inputs: np.ndarray, targets: np.ndarray, pixel_size: float,
         x, y = x[~val], y[~val]
     torch.manual_seed(config.seed)
     network = architecture.build()
-    result = fit(network, x, y, config, augment=random_cube_symmetries if augment else None, **validation)
+    if augment:
+        augmentation = CubeAugment(crop)
+    elif crop is not None:
+        raise InputError("crop", "needs augment=True (crops are drawn by the augmentation)")
+    else:
+        augmentation = None
+    result = fit(network, x, y, config, augment=augmentation, **validation)
     network = network.cpu().eval()
     summary = {"n_pairs": len(inputs), "n_validation": len(validation["X_val"]) if validation else None,
                "epochs": result.epochs_run, "best_epoch": result.best_epoch,
@@ -278,7 +311,7 @@ def train_denoiser(inputs: np.ndarray, targets: np.ndarray, pixel_size: float,
                "train_seconds": float(sum(h["seconds"] for h in result.history)),
                "config": {k: (os.fspath(v) if isinstance(v, os.PathLike) else v)
                           for k, v in dataclasses.asdict(config).items()},
-               "augment": augment, **(record or {})}
+               "augment": augment, "crop": crop, **(record or {})}
     return MapDenoiser(network, architecture, box, pixel_size, summary), result
 
 
