@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from bioinverse.cli import main
 from bioinverse.cryoem.denoiser import (
     CubeAugment,
     DenoiserArchitecture,
@@ -250,3 +251,14 @@ def test_refine_rejects_a_denoiser_of_another_box(noisy_set):
     with pytest.raises(InputError, match="trained on 32³"):
         refine(sim.images, APIX, sim.particles.ctf_parameters()._asdict(), sim.reference, _config(Prior("red")),
                denoiser=_random_denoiser(box=32))
+
+
+@pytest.mark.parametrize("option", [["--snrs", "0.5,x"], ["--structures", "0"], ["--crop", "40"],
+                                    ["--noise", "white"]])
+def test_train_denoiser_rejects_bad_options_before_any_work(tmp_path, option, capsys):
+    with pytest.raises(SystemExit) as failed:
+        main(["cryoem", "train-denoiser", "--out", str(tmp_path / "d.pt"), "--work", str(tmp_path / "w"),
+              "--no-progress", *option])
+    assert failed.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error:")
+    assert not (tmp_path / "w").exists()

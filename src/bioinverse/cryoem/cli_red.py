@@ -65,7 +65,7 @@ def train_denoiser_command(
     work: Annotated[Path, typer.Option("--work", help="Folder for the cached refinements and the training "
                                                       "checkpoint.")],
     structures: Annotated[int, typer.Option("--structures", help="How many of the 50 data/dssp chains of "
-                                                                 "MDAnalysisTests to use (in name order).")] = 50,
+                                                                 "MDAnalysisTests to use (in name order).")] = 20,
     snrs: Annotated[str, typer.Option("--snrs", help="Comma-separated image SNRs, one refinement each.")] = "0.5,0.1",
     particles: Annotated[int, typer.Option("--particles", help="Particles per refinement.")] = 500,
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (cosine learning-rate decay).")] = 15,
@@ -85,7 +85,7 @@ def train_denoiser_command(
 
     import numpy as np
 
-    from bioinverse.cryoem.denoiser import train_denoiser
+    from bioinverse.cryoem.denoiser import DenoiserArchitecture, train_denoiser
     from bioinverse.cryoem.denoiser_data import (
         TRAINING_STRUCTURES,
         TrainingRecipe,
@@ -105,6 +105,9 @@ def train_denoiser_command(
         raise InputError("--noise", f"must be refinement or gaussian, got {noise!r}")
     recipe = TrainingRecipe(structures=TRAINING_STRUCTURES[:structures], snrs=snr_values, n_particles=particles,
                             seed=seed)
+    multiple = 2 ** (DenoiserArchitecture().levels - 1)
+    if crop and (not 0 < crop <= recipe.box or crop % multiple):  # checked before hours of refinements
+        raise InputError("--crop", f"must be 0 or a multiple of {multiple} up to the box ({recipe.box}), got {crop}")
     work = Path(work)
     start = time.perf_counter()
     data = build_training_set(recipe, work / "refinements", progress=progress, log=typer.echo)
@@ -121,7 +124,7 @@ def train_denoiser_command(
                          checkpoint=work / "train.ckpt", log=work / "train.json", progress=progress)
     record = {"recipe": {"structures": list(recipe.structures), "snrs": list(recipe.snrs),
                          "n_particles": recipe.n_particles, "seed": recipe.seed, "noise": noise},
-              "data_seconds": data_seconds}
+              "data_seconds": data_seconds}  # this run's refinements; cached ones cost only their loading
     denoiser, result = train_denoiser(inputs, targets, recipe.pixel_size, config=config, record=record,
                                       groups=data["case"], crop=crop or None)
     denoiser.save(out)
