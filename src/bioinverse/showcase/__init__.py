@@ -28,6 +28,7 @@ DEMO_MODULES = [
     "bioinverse.showcase.dmri",
     "bioinverse.showcase.dmri_microstructure",
     "bioinverse.showcase.cryoem",
+    "bioinverse.showcase.cryoem_red",
     "bioinverse.showcase.cryoem_implicit",
 ]
 
