@@ -18,7 +18,8 @@ deviation) and the output de-standardised with the same two numbers, as in the s
 serves maps on any grey scale.
 
 Training pairs come from our own refinements (:mod:`bioinverse.cryoem.denoiser_data`); training
-augments them with the 48 rotations and reflections of the cube that keep the box centre in place.
+augments them with the 48 rotations and reflections of the cube that keep the box centre in place and,
+for speed, may train on random crops of the maps (:class:`CubeAugment`).
 """
 
 from __future__ import annotations
