@@ -56,8 +56,9 @@ def relion_external_command(
     chosen = prior_from_options(prior, strength, cw_low, cw_high)
     model = load_denoiser(denoiser) if chosen.needs_denoiser else None
     info = run_external(star, chosen, model, apix)
-    print(f"bioinverse relion-external: {info['prior']} λ={info['weight']:.2f} at {info['resolution_A']:.2f} Å "
-          f"→ {info['result']}", file=sys.stderr)
+    # One write of the whole line: RELION runs this for both halves at once, into the same log.
+    sys.stderr.write(f"bioinverse relion-external: {info['prior']} λ={info['weight']:.2f} at "
+                     f"{info['resolution_A']:.2f} Å → {info['result']}\n")
 
 
 def train_denoiser_command(
