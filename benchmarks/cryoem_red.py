@@ -351,8 +351,11 @@ def _figures(records, structures, snrs, cache: Path, out: Path) -> list[str]:
                 ax.set_ylabel(f"SNR {snr:g}\nFSC", fontsize=8)
             if i == len(snrs) - 1:
                 ax.set_xlabel("spatial frequency (1/Å)", fontsize=8)
-    handles, labels = axes[0, 0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    legend = {}  # the RELION curves are only in the panels of the cases RELION ran
+    for ax in axes.flat:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(label, handle)
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=6, fontsize=8, frameon=False)
     fig.suptitle("solid: final map vs ground truth; dotted: gold-standard half maps", fontsize=9)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     grid_path = out / "cryoem_red_fsc_grid.png"
