@@ -49,18 +49,24 @@ def demo_protein():
         return _helical_bundle(), f"a synthetic four-helix bundle (adk_open could not be fetched: {exc})"
 
 
+def demo_particles(n: int, snr: float, seed: int):
+    """Particles of :func:`demo_protein` (box 64, 1.5 Å/pixel): its atoms, their description, the simulation."""
+    from bioinverse.cryoem.density import atoms_to_map
+    from bioinverse.cryoem.simulate import simulate_particles
+
+    atoms, source = demo_protein()
+    sim = simulate_particles(atoms_to_map(atoms, BOX, PIXEL_SIZE), PIXEL_SIZE, n, snr, seed=seed)
+    return atoms, source, sim
+
+
 @register_demo("cryoem", "Cryo-EM: particles from a real protein, gold-standard MAP-EM refinement")
 def demo(workdir: Path, section: Section) -> None:
-    from bioinverse.cryoem.density import atoms_to_map
     from bioinverse.cryoem.figures import angular_error_figure, fsc_figure, slices_figure
     from bioinverse.cryoem.refine import RefineConfig, reconstruct_with_poses, refine, soft_sphere_mask
     from bioinverse.cryoem.rotations import angular_distance, euler_to_matrix
-    from bioinverse.cryoem.simulate import simulate_particles
     from bioinverse.fourier import fsc
 
-    atoms, source = demo_protein()
-    truth_map = atoms_to_map(atoms, BOX, PIXEL_SIZE)
-    sim = simulate_particles(truth_map, PIXEL_SIZE, N_PARTICLES, SNR, seed=0)
+    atoms, source, sim = demo_particles(N_PARTICLES, SNR, seed=0)
     ctf = sim.particles.ctf_parameters()._asdict()
     diameter = 70.0
 

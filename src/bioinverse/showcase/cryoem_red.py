@@ -15,24 +15,21 @@ from pathlib import Path
 
 from bioinverse.report import Section
 from bioinverse.showcase import register_demo
+from bioinverse.showcase.cryoem import BOX, PIXEL_SIZE, demo_particles
 
-BOX, PIXEL_SIZE, N_PARTICLES, SNR = 64, 1.5, 500, 0.02
+N_PARTICLES, SNR = 500, 0.02
 
 
 @register_demo("cryoem_red", "Cryo-EM: a learned prior (CW-RED) against the Gaussian prior")
 def demo(workdir: Path, section: Section) -> None:
     from bioinverse.cryoem.denoiser import load_denoiser
-    from bioinverse.cryoem.density import atoms_to_map, particle_diameter
+    from bioinverse.cryoem.density import particle_diameter
     from bioinverse.cryoem.figures import fsc_figure, slices_figure
     from bioinverse.cryoem.priors import Prior
     from bioinverse.cryoem.refine import RefineConfig, refine, soft_sphere_mask
-    from bioinverse.cryoem.simulate import simulate_particles
     from bioinverse.fourier import fsc
-    from bioinverse.showcase.cryoem import demo_protein
 
-    atoms, source = demo_protein()
-    truth_map = atoms_to_map(atoms, BOX, PIXEL_SIZE)
-    sim = simulate_particles(truth_map, PIXEL_SIZE, N_PARTICLES, SNR, seed=1)
+    atoms, source, sim = demo_particles(N_PARTICLES, SNR, seed=1)
     ctf = sim.particles.ctf_parameters()._asdict()
     diameter = particle_diameter(atoms)
     denoiser = load_denoiser()
