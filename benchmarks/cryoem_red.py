@@ -55,17 +55,25 @@ import numpy as np
 
 from benchmarks import _relion
 from benchmarks._harness import StudyResult
-from benchmarks.cryoem_refine import Case, _simulate
+from benchmarks.cryoem_refine import (  # the same particles, mask and search as the refinement study
+    AUTO_LOCAL_HEALPIX_ORDER,
+    BOX,
+    FIRSTITER_CC,
+    HEALPIX_ORDER,
+    INITIAL_RESOLUTION,
+    MASK_EDGE_PX,
+    OFFSET_RANGE,
+    OFFSET_STEP,
+    OVERSAMPLING,
+    PIXEL_SIZE,
+    Case,
+    _curve_dict,
+    _shell,
+    _simulate,
+)
 
 TITLE = "Cryo-EM learned prior: RED and CW-RED vs the Gaussian prior (our refinement and RELION 3.1.3)"
 
-BOX = 64
-PIXEL_SIZE = 1.5
-MASK_EDGE_PX = 5
-INITIAL_RESOLUTION = 30.0
-HEALPIX_ORDER = 2
-OFFSET_RANGE = 3.0
-OFFSET_STEP = 1.0
 PRIORS = ("gaussian", "red", "cwred")
 STRUCTURES_FULL = ("adk_open", "4E43", "1hvr", "1a28")
 SNRS_FULL = (0.5, 0.1, 0.04, 0.015)
@@ -80,15 +88,6 @@ NYQUIST = 2 * PIXEL_SIZE
 
 def _tag(structure: str, snr: float) -> str:
     return f"{structure}_snr{snr:g}"
-
-
-def _shell(resolution: float) -> float:
-    return BOX * PIXEL_SIZE / resolution if math.isfinite(resolution) and resolution > 0 else 0.0
-
-
-def _curve(curve) -> dict:
-    return {"frequency": curve.frequency.tolist(), "values": curve.values.tolist(),
-            "n_coefficients": curve.n_coefficients.tolist()}
 
 
 def _refine(sim, diameter: float, prior: str, denoiser, observer=None):
@@ -106,15 +105,13 @@ def _refine(sim, diameter: float, prior: str, denoiser, observer=None):
 
 def _single_pass(records: list[dict], truth: np.ndarray, denoiser) -> dict:
     """The seed's Fig. 1c on this case: distance to the truth after / before one pass of the denoiser."""
-    out = {"resolution_A": [], "ratio_l1": [], "ratio_l2": []}
-    for record in records:
-        x = record["map"]
-        y = denoiser(x)
-        for p, key in ((1, "ratio_l1"), (2, "ratio_l2")):
-            before = np.linalg.norm((x - truth).ravel(), ord=p)
-            out[key].append(float(np.linalg.norm((y - truth).ravel(), ord=p) / before) if before > 0 else None)
-        out["resolution_A"].append(record["resolution_A"] if math.isfinite(record["resolution_A"]) else None)
-    return out
+    from bioinverse.cryoem.denoiser import single_pass_ratio
+
+    maps = np.stack([record["map"] for record in records])
+    truths = np.broadcast_to(truth, maps.shape)
+    return {"resolution_A": [record["resolution_A"] for record in records],
+            "ratio_l1": single_pass_ratio(denoiser, maps, truths, p=1).tolist(),
+            "ratio_l2": single_pass_ratio(denoiser, maps, truths, p=2).tolist()}
 
 
 def _relion_runs(case: Case, folder: Path, diameter: float, denoiser_path: str | None, truth, masked_fsc,
@@ -123,7 +120,6 @@ def _relion_runs(case: Case, folder: Path, diameter: float, denoiser_path: str |
 
     Each run's record is cached in ``<folder>/<label>.json``, so a run that finished is not repeated.
     """
-    from benchmarks.cryoem_refine import AUTO_LOCAL_HEALPIX_ORDER, FIRSTITER_CC, OVERSAMPLING
     from bioinverse.cryoem.io import read_map
 
     executable = f"{shlex.quote(sys.executable)} -m bioinverse cryoem relion-external --prior cwred"
@@ -163,7 +159,7 @@ def _relion_runs(case: Case, folder: Path, diameter: float, denoiser_path: str |
             gt, half = masked_fsc(final, truth), masked_fsc(half1, half2)
             model = _relion.read_model(outputs["model"])
             record.update({"res_gt_A": gt.resolution(0.5), "res_half_A": half.resolution(0.143),
-                           "res_reported_A": model["resolution_A"], "curve_gt": _curve(gt), "curve_half": _curve(half)})
+                           "res_reported_A": model["resolution_A"], "curve_gt": _curve_dict(gt), "curve_half": _curve_dict(half)})
         write_json(cached, _finite(record))
         out[label] = record
     return out
@@ -200,7 +196,7 @@ def _run_priors(structure: str, snr: float, n: int, folder: Path, denoiser) -> d
         gt = masked_fsc(result.final_map, truth)
         record["priors"][prior] = {
             "res_gt_A": gt.resolution(0.5), "res_half_A": float(result.resolution), "seconds": seconds,
-            "iterations": len(result.history), "curve_gt": _curve(gt),
+            "iterations": len(result.history), "curve_gt": _curve_dict(gt),
             "curve_half": {"values": result.fsc.tolist()},
             "prior_weights": [h["prior_weight"] for h in result.history],
         }
@@ -214,7 +210,7 @@ def _run_priors(structure: str, snr: float, n: int, folder: Path, denoiser) -> d
     gt = masked_fsc(final, truth)
     record["priors"]["trueangles"] = {"res_gt_A": gt.resolution(0.5),
                                       "res_half_A": nominal_resolution(true_fsc, BOX, PIXEL_SIZE),
-                                      "curve_gt": _curve(gt), "curve_half": {"values": true_fsc.tolist()}}
+                                      "curve_gt": _curve_dict(gt), "curve_half": {"values": true_fsc.tolist()}}
     return record
 
 

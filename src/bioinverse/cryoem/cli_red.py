@@ -106,9 +106,7 @@ def train_denoiser_command(
         raise InputError("--noise", f"must be refinement or gaussian, got {noise!r}")
     recipe = TrainingRecipe(structures=TRAINING_STRUCTURES[:structures], snrs=snr_values, n_particles=particles,
                             seed=seed)
-    multiple = 2 ** (DenoiserArchitecture().levels - 1)
-    if crop and (not 0 < crop <= recipe.box or crop % multiple):  # checked before hours of refinements
-        raise InputError("--crop", f"must be 0 or a multiple of {multiple} up to the box ({recipe.box}), got {crop}")
+    DenoiserArchitecture().check_crop(crop or None, recipe.box, "--crop")  # before hours of refinements
     work = Path(work)
     start = time.perf_counter()
     data = build_training_set(recipe, work / "refinements", progress=progress, log=typer.echo)

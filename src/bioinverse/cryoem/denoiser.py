@@ -56,6 +56,12 @@ class DenoiserArchitecture:
     base_channels: int = 4
     convs_per_level: int = 2
 
+    def check_crop(self, crop: int | None, box: int, name: str = "crop") -> None:
+        """InputError unless ``crop`` is None or a box the network takes: in (0, box], a multiple of 2**(levels − 1)."""
+        multiple = 2 ** (self.levels - 1)
+        if crop is not None and (not 0 < crop <= box or crop % multiple):
+            raise InputError(name, f"must be a multiple of {multiple} up to the box ({box}), got {crop}")
+
     def build(self) -> UNet3d:
         return UNet3d(levels=self.levels, base_channels=self.base_channels,
                       convs_per_level=self.convs_per_level, residual=True)
@@ -274,8 +280,7 @@ def train_denoiser(inputs: np.ndarray, targets: np.ndarray, pixel_size: float,
     box = inputs.shape[1]
     if box % 2 ** (architecture.levels - 1):
         raise InputError("training pairs", f"box {box} is not divisible by 2**{architecture.levels - 1}")
-    if crop is not None and (not 0 < crop <= box or crop % 2 ** (architecture.levels - 1)):
-        raise InputError("crop", f"must be in (0, {box}] and divisible by 2**{architecture.levels - 1}, got {crop}")
+    architecture.check_crop(crop, box)
     if not (np.isfinite(inputs).all() and np.isfinite(targets).all()):
         raise InputError("training pairs", "contain NaN or Inf")
     config = config or TrainConfig(optimizer="adam", lr=1e-3, batch_size=8, max_epochs=15, schedule="cosine",
