@@ -22,10 +22,13 @@ final map against the ground truth, ``res_half_*`` the FSC-0.143 resolution of t
 ``median_angular_error_deg_*`` the median rotation angle between refined and true poses (to the nearest
 symmetry mate for the C2 dimers 4E43 and 1hvr).
 ``shell_difference_gt`` = (Fourier shell of ours − Fourier shell of RELION) at FSC 0.5 against the truth:
-≥ −1 means ours is within one shell of RELION or better.
+≥ −1 means ours is within one shell of RELION or better. ``frame_rotation_deg_relion`` is the rotation of
+RELION's whole map against the truth, read from its poses (:func:`_frame_rotation`), and
+``median_angular_error_deg_relion_own_frame`` its pose error once that rotation is removed; the maps are
+scored unrotated.
 
 The full run is three structures × two SNRs (0.05 and 0.015) × 1000 particles, about 1.5 h on 2 cores,
-nearly all of it RELION's. The seed refined 10,000 particles at SNRs of 0.0012–0.0038; its total signal
+nearly all of it RELION's. Kimanius et al. refined 10,000 particles at SNRs of 0.0012–0.0038; their total signal
 (particles × SNR, 12–38) is bracketed by ours (15 and 50), and ten times fewer particles keep RELION's six
 refinements within a working session on two cores. The full run is resumable per case: a case whose
 ``<out>/cache/cryoem_refine/full/<structure>_snr<snr>_n<n>.json`` exists is read instead of run (delete it
@@ -149,6 +152,47 @@ def _angular_errors(angles: np.ndarray, true_rotations: np.ndarray, symmetry: np
 
     estimated = euler_to_matrix(*np.asarray(angles).T)
     return np.min([angular_distance(estimated, true_rotations @ s.T) for s in symmetry], axis=0)
+
+
+def _frame_rotation(angles: np.ndarray, true_rotations: np.ndarray, symmetry: np.ndarray) -> tuple[float, float]:
+    """How much of the pose error is one rotation of the whole map: (its angle, median error once it is removed).
+
+    A map rotated by Q, V'(r) = V(Qᵀ r), shows at the pose A Qᵀ what the true map shows at A, so poses
+    refined against a rotated reference are E ≈ M Qᵀ, M the true pose's nearest symmetry mate. Qᵀ is the
+    rotation nearest the mean of the Mᵀ E (the chordal L2 mean), re-estimated from the particles within 40° of
+    it, so that misaligned particles do not pull it. Angles in degrees.
+    """
+    from bioinverse.cryoem.rotations import angular_distance, euler_to_matrix
+
+    estimated = euler_to_matrix(*np.asarray(angles).T)
+    mates = np.stack([true_rotations @ s.T for s in symmetry])
+    nearest = mates[np.argmin([angular_distance(estimated, m) for m in mates], axis=0), np.arange(len(estimated))]
+    relative = np.einsum("nji,njk->nik", nearest, estimated)
+    inside = np.ones(len(relative), dtype=bool)
+    for _ in range(10):
+        u, _, vt = np.linalg.svd(relative[inside].mean(axis=0))
+        q = u @ np.diag([1.0, 1.0, np.linalg.det(u @ vt)]) @ vt
+        inside = angular_distance(relative, q) < 40.0
+        if not inside.any():
+            break
+    return float(angular_distance(np.eye(3), q)), float(np.median(angular_distance(estimated, nearest @ q)))
+
+
+def _relion_frame(record: dict) -> dict[str, float]:
+    """:func:`_frame_rotation` of RELION's final poses, read back from the case folder."""
+    from bioinverse.cryoem.io import read_particles
+    from bioinverse.cryoem.rotations import euler_to_matrix
+    from bioinverse.cryoem.structures import fetch_structure
+
+    folder = Path(record["relion_folder"])
+    outputs = _relion.final_outputs(folder, "relion/run")
+    if outputs is None:
+        return {}
+    truth = read_particles(folder / "particles.star")
+    poses = _relion.read_poses(outputs["data"], truth.image_names)
+    symmetry = _symmetry_rotations(fetch_structure(record["case"]["structure"]))
+    angle, residual = _frame_rotation(poses["angles"], euler_to_matrix(*truth.angles.T), symmetry)
+    return {"frame_rotation_deg_relion": angle, "median_angular_error_deg_relion_own_frame": residual}
 
 
 def _simulate(case: Case, folder: Path):
@@ -369,6 +413,8 @@ def run(quick: bool, out: Path) -> StudyResult:
     cases = (QUICK_CASE,) if quick else FULL_CASES
     load_start = _load_average()
     records = [_case_result(case, cache, resume=not quick) for case in cases]
+    for record in records:
+        record["metrics"].update(_relion_frame(record))
     metrics: dict[str, float] = dict(records[0]["metrics"])
     figures = _figures(records[0], out)
     if not quick:
@@ -449,7 +495,7 @@ def _markdown(records: list[dict], quick: bool, load_start: float) -> str:
         f"{case['n']} particles at SNR {case['snr']:g}"
         + (" — fewer particles and a higher SNR than the seed's (0.0012–0.0038), so that RELION finishes within "
            "the quick run's 10 minutes on 2 cores" if quick else
-           f" (the first of {len(records)} cases, all in the last section; the seed refined 10,000 particles at "
+           f" (the first of {len(records)} cases, all in the last section; Kimanius et al. refined 10,000 particles at "
            "SNRs of 0.0012–0.0038, a total signal (particles × SNR) of 12–38 that the full run's 15 and 50 "
            "bracket)")
         + f"; particle diameter {m['particle_diameter_A']:g} Å. Both programs: no poses in the input STAR file; "
@@ -501,8 +547,9 @@ def _markdown(records: list[dict], quick: bool, load_start: float) -> str:
         lines += [
             "## All cases", "",
             ("| case | n | res GT ours / RELION / true poses (Å) | half maps ours / RELION (Å) | median error ours / "
-             "RELION (°) | s ours / RELION | speed-up | shells |"),
-            "|---|---|---|---|---|---|---|---|",
+             "RELION (°) | RELION's map rotated by (°) / its error in its own frame (°) | s ours / RELION | speed-up | "
+             "shells |"),
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for r in records:
             c, x = r["case"], r["metrics"]
@@ -510,10 +557,19 @@ def _markdown(records: list[dict], quick: bool, load_start: float) -> str:
                 f"| {c['structure']} SNR {c['snr']:g} | {c['n']} | {_f(x['res_gt_ours_A'])} / "
                 f"{_f(x.get('res_gt_relion_A'))} / {_f(x['res_gt_trueangles_A'])} | {_f(x['res_half_ours_A'])} / "
                 f"{_f(x.get('res_half_relion_A'))} | {_f(x['median_angular_error_deg_ours'])} / "
-                f"{_f(x.get('median_angular_error_deg_relion'))} | {_f(x['seconds_ours'], 0)} / "
+                f"{_f(x.get('median_angular_error_deg_relion'))} | {_f(x.get('frame_rotation_deg_relion'), 1)} / "
+                f"{_f(x.get('median_angular_error_deg_relion_own_frame'), 1)} | {_f(x['seconds_ours'], 0)} / "
                 f"{_f(x['seconds_relion'], 0)} | {_f(x['speedup_vs_relion'])} | {_f(x.get('shell_difference_gt'))} |")
         summary = _summary(records)
-        lines += ["", (f"bioinverse is within one Fourier shell of RELION or better against the truth in "
+        frame_note = (
+            "RELION's first, cross-correlation iteration assigns poses far from the truth (median errors of 45–95° "
+            "after it), and the map it then builds need not stay in the reference's frame: the rotation that best "
+            "maps the true poses (to their nearest symmetry mate) onto RELION's is the rotation of RELION's whole "
+            "map against the truth (`_frame_rotation`). A rotated map loses FSC against the truth however "
+            "consistent its poses; once the rotation is removed, what remains is RELION's own pose error. The map "
+            "is scored as it is, unrotated, as a user who starts from a reference expects. bioinverse marginalises "
+            "over all poses from its first iteration; its errors are in the truth's frame.")
+        lines += ["", frame_note, "", (f"bioinverse is within one Fourier shell of RELION or better against the truth in "
                        f"{summary['n_within_one_shell_gt']} of {summary['n_cases']} cases (better in "
                        f"{summary['n_better_gt']}; worst: {_f(summary['worst_shell_difference_gt'])} shells); "
                        f"speed-up {_f(summary['min_speedup_vs_relion'])}× at least, "
@@ -522,7 +578,9 @@ def _markdown(records: list[dict], quick: bool, load_start: float) -> str:
                        "Machine load (1-minute average) before bioinverse / before RELION / after RELION, per case: "
                        + "; ".join(f"{r['case']['structure']} SNR {r['case']['snr']:g}: "
                                    f"{r['load']['load_before_ours']:.2f} / {r['load']['load_before_relion']:.2f} / "
-                                   f"{r['load']['load_after_relion']:.2f}" for r in records) + "."),
+                                   f"{r['load']['load_after_relion']:.2f}" for r in records)
+                       + ". The average trails by about a minute: near 3 before bioinverse is the previous case's "
+                       "RELION (3 ranks), just finished."),
                   "", ("The cases ran one after another, each cached when done; the run time in the heading "
                        "counts only the cases not read from the cache, the table above has each case's."), ""]
     return "\n".join(lines)
