@@ -143,15 +143,23 @@ def _symmetry_rotations(path: Path) -> np.ndarray:
     return np.stack(rotations)
 
 
-def _angular_errors(angles: np.ndarray, true_rotations: np.ndarray, symmetry: np.ndarray) -> np.ndarray:
-    """Degrees from each refined pose to the nearest symmetry mate of the true pose.
+def _nearest_mates(angles: np.ndarray, true_rotations: np.ndarray, symmetry: np.ndarray):
+    """The refined rotations (n, 3, 3), each one's nearest symmetry mate of its true pose, and the angle to it (°).
 
     A map with V(S r) = V(r) projects identically at the poses A and A Sᵀ (image = Σ_z V(Aᵀ (x, y, z))).
     """
     from bioinverse.cryoem.rotations import angular_distance, euler_to_matrix
 
     estimated = euler_to_matrix(*np.asarray(angles).T)
-    return np.min([angular_distance(estimated, true_rotations @ s.T) for s in symmetry], axis=0)
+    mates = np.stack([true_rotations @ s.T for s in symmetry])
+    distances = np.stack([angular_distance(estimated, m) for m in mates])
+    nearest = distances.argmin(axis=0)
+    return estimated, mates[nearest, np.arange(len(estimated))], distances[nearest, np.arange(len(estimated))]
+
+
+def _angular_errors(angles: np.ndarray, true_rotations: np.ndarray, symmetry: np.ndarray) -> np.ndarray:
+    """Degrees from each refined pose to the nearest symmetry mate of the true pose."""
+    return _nearest_mates(angles, true_rotations, symmetry)[2]
 
 
 def _frame_rotation(angles: np.ndarray, true_rotations: np.ndarray, symmetry: np.ndarray) -> tuple[float, float]:
@@ -162,11 +170,9 @@ def _frame_rotation(angles: np.ndarray, true_rotations: np.ndarray, symmetry: np
     rotation nearest the mean of the Mᵀ E (the chordal L2 mean), re-estimated from the particles within 40° of
     it, so that misaligned particles do not pull it. Angles in degrees.
     """
-    from bioinverse.cryoem.rotations import angular_distance, euler_to_matrix
+    from bioinverse.cryoem.rotations import angular_distance
 
-    estimated = euler_to_matrix(*np.asarray(angles).T)
-    mates = np.stack([true_rotations @ s.T for s in symmetry])
-    nearest = mates[np.argmin([angular_distance(estimated, m) for m in mates], axis=0), np.arange(len(estimated))]
+    estimated, nearest, _ = _nearest_mates(angles, true_rotations, symmetry)
     relative = np.einsum("nji,njk->nik", nearest, estimated)
     inside = np.ones(len(relative), dtype=bool)
     for _ in range(10):
